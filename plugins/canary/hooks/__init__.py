@@ -1,0 +1,1 @@
+"""hooks of the canary rollout package (issue 5)."""

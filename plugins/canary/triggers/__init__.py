@@ -1,0 +1,1 @@
+"""triggers of the canary rollout package (issue 5)."""
