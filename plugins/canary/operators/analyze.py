@@ -1,15 +1,39 @@
-"""The analyze loop of one traffic step: look, and while the verdict is `extend`, defer and look again."""
+"""The analyze loop of one traffic step: look, and while the verdict is `extend`, defer and look again.
+
+Look times are planned, not taken from the clock at run time: look 0 is the hold's recorded ``look_at``,
+look k is ``look_0 + k * interval`` (interval = the hold's ``min_duration``, at least its poll interval),
+capped at ``step_started_at + max_wait``. A retry therefore replays the same windows and reaches the same
+verdict; a look whose time has passed runs at once instead of waiting again.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 
+def _pull(context: Any, task_id: str, *, required: bool = True) -> Any:
+    value = context["ti"].xcom_pull(task_ids=task_id)
+    if value is None and required:
+        raise RuntimeError(
+            f"no XCom from task {task_id!r}: AnalyzeOperator runs inside a canary rollout DAG after that task "
+            "(Contract 4); check the DAG wiring"
+        )
+    return value
+
+
 class AnalyzeOperator(BaseOperator):
     """Judge step ``step_index`` (1-based) on the recorded windows; the verdict dict goes to XCom.
+
+    The decision record (a readable text) goes to the task log. While the verdict is ``extend`` and the
+    step's ``hold.max_wait`` is not reached, the task defers (renewing the lease) and looks again; at the
+    cap it returns the ``extend`` verdict and the ``decide`` branch applies ``on_inconclusive``.
+
+    XCom: ``{"verdict", "history", "record", "look_at", "looks" (every look: ``look_at``, ``verdict``,
+    ``record``), "look_count", "step_index", "at_cap"}``.
 
     :param task_id: the task id inside the step's task group (``analyze``).
     :param step_index: 1-based index of the traffic step to judge.
@@ -21,5 +45,101 @@ class AnalyzeOperator(BaseOperator):
         super().__init__(task_id=task_id, **kwargs)
         self.step_index = step_index
 
-    def execute(self, context: Any) -> Any:  # pragma: no cover - stub until the body lands
-        raise NotImplementedError("AnalyzeOperator is being built (issue 5)")
+    # -- inputs ---------------------------------------------------------------------------------------
+
+    def _inputs(self, context: Any) -> dict[str, Any]:
+        i = int(self.step_index)
+        plan = _pull(context, "validate")
+        pre = _pull(context, "preflight")
+        steps = []
+        for j in range(1, i + 1):
+            st = _pull(context, f"step_{j}.set_traffic")
+            hold = _pull(context, f"step_{j}.hold")
+            look_at = hold["look_at"]
+            if j < i:
+                earlier = _pull(context, f"step_{j}.analyze", required=False)
+                if earlier and earlier.get("look_at"):
+                    look_at = earlier["look_at"]  # the step's last look (after any extends)
+            steps.append(
+                {
+                    "step_index": j,
+                    "percent": st.get("percent"),
+                    "step_started_at": st["step_started_at"],
+                    "look_at": look_at,
+                    "hold_reason": hold.get("reason"),
+                }
+            )
+        history = None
+        if i > 1:
+            prev = _pull(context, f"step_{i - 1}.analyze", required=False)
+            history = (prev or {}).get("history")
+        return {"plan": plan, "pre": pre, "steps": steps, "history": history,
+                "generation": int(_pull(context, f"step_{i}.set_traffic")["route"]["generation"])}
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def execute(self, context: Any) -> Any:
+        """Look 0 at the hold's recorded look time."""
+        return self._look(context, look=0, history=None, first=True, looks=[])
+
+    def look_again(self, context: Any, event: dict[str, Any] | None = None, look: int = 1,
+                   history: dict[str, Any] | None = None, looks: list[dict[str, Any]] | None = None) -> Any:
+        """Resume after an ``extend`` wait: the next planned look."""
+        from airflow.sdk.exceptions import AirflowException
+
+        if not event or event.get("status") != "ok":
+            raise AirflowException(
+                f"waiting to look again at step {self.step_index} failed: "
+                f"{(event or {}).get('error_type', 'error')}: {(event or {}).get('message')}"
+            )
+        return self._look(context, look=look, history=history, first=False, looks=list(looks or []))
+
+    def _look(
+        self, context: Any, *, look: int, history: dict[str, Any] | None, first: bool, looks: list[dict[str, Any]]
+    ) -> Any:
+        from canary import runtime
+        from canary.hooks.timeutil import iso, parse_ts, utcnow
+        from canary.triggers.hold import LookAgainTrigger
+
+        inp = self._inputs(context)
+        plan, pre, steps = inp["plan"], inp["pre"], inp["steps"]
+        settings = runtime.hold_settings(plan)
+        current = steps[-1]
+        look0 = parse_ts(current["look_at"])
+        cap = parse_ts(current["step_started_at"]) + timedelta(seconds=settings.max_wait_s)
+        interval = max(settings.min_duration_s, settings.poll_interval_s, 1.0)
+        look_at = look0 if look == 0 else min(look0 + timedelta(seconds=look * interval), max(cap, look0))
+        steps[-1] = {**current, "look_at": iso(look_at)}
+        hist = inp["history"] if first else history
+
+        while True:
+            result = runtime.analyze(plan, pre, steps, hist)
+            decision = result["verdict"]["decision"]
+            looks.append({"look_at": iso(look_at), "verdict": result["verdict"], "record": result["record"]})
+            self.log.info("decision record, step %s look %d:\n%s", self.step_index, look, result["record"])
+            at_cap = look_at >= cap
+            if decision != "extend" or at_cap:
+                if decision == "extend":
+                    self.log.info(
+                        "step %s reached its cap (max_wait %.0fs) still inconclusive: on_inconclusive=%s applies",
+                        self.step_index, settings.max_wait_s, plan["spec"].get("on_inconclusive", "rollback"),
+                    )
+                return {**result, "look_at": iso(look_at), "looks": looks, "look_count": look + 1,
+                        "step_index": int(self.step_index), "at_cap": bool(at_cap)}
+            look += 1
+            hist = result["history"]
+            next_at = min(look0 + timedelta(seconds=look * interval), cap)
+            steps[-1] = {**current, "look_at": iso(next_at)}
+            if next_at <= utcnow():
+                look_at = next_at  # replaying a look whose time has passed (a retry): no wait
+                continue
+            self.log.info("verdict extend at step %s: looking again at %s", self.step_index, iso(next_at))
+            self.defer(
+                trigger=LookAgainTrigger(
+                    plan=plan, pre=pre, generation=inp["generation"], since=iso(look_at),
+                    seconds=(next_at - look_at).total_seconds(),
+                ),
+                method_name="look_again",
+                kwargs={"look": look, "history": hist, "looks": looks},
+                timeout=timedelta(seconds=(next_at - look_at).total_seconds() + 300),
+            )
