@@ -1,35 +1,245 @@
-"""The judge: one look at the data of a rollout, one verdict (Contract 3). Work in progress."""
+"""The judge: one look at a rollout's data, one :class:`Verdict` (Contract 3).
+
+Per metric (see ``docs/decisions.md`` for the reasoning and the benchmark):
+
+* **Rollback** when the one-sided harm statistic ``z_harm`` reaches its group-sequential boundary.
+  ``alpha_rollback`` is split equally across metrics and spent over the information fraction with a
+  Lan-DeMets spending function (Pocock-type by default). Each metric can roll the canary back on its own.
+  Critical metrics are also watched by the always-valid circuit breaker.
+* **Promote** (last step only) when every metric is non-inferior: ``z_ni`` reaches its boundary
+  (O'Brien-Fleming-type spending of ``alpha_promotion``; an intersection of tests needs no split), and no
+  gate fails: sample ratio, labelled share, data quality, input drift between arms.
+* **Advance** (earlier steps) when no harm is shown, every critical metric could be tested and the gates
+  hold. **Extend** otherwise; at the cap the caller applies ``on_inconclusive``.
+
+The information fraction of a metric is its canary sample count over ``planned_canary_samples`` (or the
+look index over ``planned_looks``). A metric that cannot be tested yet (too few samples or clusters) spends
+no alpha at that look. The look history keeps the fractions and boundaries, so a re-run gives the same
+answer.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from canary.analysis.boundaries import boundaries
+from canary.analysis.gates import circuit_breaker, labelled_share_test, srm_test
 from canary.analysis.policy import Policy
+from canary.analysis.stats import ArmStats, compare
+
+DECISIONS = ("advance", "promote", "rollback", "extend")
 
 
 @dataclass
 class LookHistory:
-    """Earlier looks of this run, per metric: information fractions and cumulative alpha spent."""
+    """Earlier looks of this run (JSON-serialisable, kept in XCom).
+
+    ``looks`` holds one dict per look: ``{"look": k, "decision": ..., "metrics": {name: {"t": fraction or
+    None when the metric was not tested, "b_rollback": ..., "b_promotion": ...}}}``.
+    """
 
     looks: list[dict[str, Any]] = field(default_factory=list)
 
+    def fractions(self, metric: str) -> list[float]:
+        """Information fractions of the earlier looks at which ``metric`` was tested."""
+        out = []
+        for look in self.looks:
+            t = look.get("metrics", {}).get(metric, {}).get("t")
+            if t is not None:
+                out.append(float(t))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {"looks": list(self.looks)}
+        return {"looks": [dict(x) for x in self.looks]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> LookHistory:
+    def from_dict(cls, d: dict[str, Any] | LookHistory | None) -> LookHistory:
+        if isinstance(d, LookHistory):
+            return cls(looks=list(d.looks))
         return cls(looks=list((d or {}).get("looks", [])))
 
 
 @dataclass
+class MetricEvidence:
+    """What one metric showed at this look (all numbers in the metric's units; diff = canary - stable)."""
+
+    name: str
+    kind: str
+    direction: str
+    critical: bool
+    tested: bool
+    stable: float | None = None
+    canary: float | None = None
+    diff: float | None = None
+    interval: tuple[float, float] | None = None
+    se: float | None = None
+    df: float | None = None
+    z_harm: float | None = None
+    b_rollback: float | None = None
+    z_ni: float | None = None
+    b_promotion: float | None = None
+    margin: float | None = None
+    information: float | None = None
+    samples: dict[str, int] = field(default_factory=dict)
+    clusters: dict[str, int] = field(default_factory=dict)
+    harm: bool = False
+    non_inferior: bool = False
+    breaker: dict[str, Any] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["interval"] = list(self.interval) if self.interval else None
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+@dataclass
 class Verdict:
-    """The judge's decision with its evidence."""
+    """The judge's answer: ``decision`` in advance | promote | rollback | extend, the ``reason`` and the
+    evidence. ``history`` is the look history including this look (store it for the next look)."""
 
     decision: str
     reason: str
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[MetricEvidence] = field(default_factory=list)
+    srm: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
+    data_quality: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None
+    look: int = 0
+    is_last_step: bool = False
+    history: LookHistory = field(default_factory=LookHistory)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (XCom)."""
+        return {"decision": self.decision, "reason": self.reason, "look": self.look,
+                "is_last_step": self.is_last_step, "metrics": [m.to_dict() for m in self.metrics],
+                "srm": self.srm, "labels": self.labels, "data_quality": self.data_quality, "drift": self.drift,
+                "history": self.history.to_dict()}
+
+    def to_text(self) -> str:
+        """The decision record for the task log."""
+        from canary.analysis.record import verdict_text
+
+        return verdict_text(self.to_dict())
 
 
-def judge(observations: Any, policy: Policy, history: LookHistory | None = None, is_last_step: bool = False):
-    raise NotImplementedError("the judge is being written (issue 4)")
+def _fraction(policy: Policy, n_canary: int, look: int) -> float:
+    if policy.planned_canary_samples:
+        return min(1.0, n_canary / policy.planned_canary_samples)
+    return min(1.0, (look + 1) / policy.planned_looks)
+
+
+def judge(observations: Any, policy: Policy, history: LookHistory | dict | None = None,
+          is_last_step: bool = False, *, thresholds: dict[str, float] | None = None,
+          data_quality: dict[str, Any] | None = None, drift: dict[str, Any] | None = None) -> Verdict:
+    """Decide one look. See the module docstring and Contract 3.
+
+    :param observations: per-request ``pandas.DataFrame`` or :class:`~canary.analysis.stats.ArmStats`
+        (from ``canary.analysis.sql.look_stats``) covering every step so far.
+    :param policy: the decision policy.
+    :param history: the previous looks (``Verdict.history`` of the last look, or its ``to_dict()``).
+    :param is_last_step: the look belongs to the last traffic step (promotion possible).
+    :param thresholds: latency thresholds (ms) for ``baseline_p95`` metrics (DataFrame input only).
+    :param data_quality: result of ``canary.analysis.quality.validate`` on the canary's rows
+        (``{"success": bool, "failures": [...]}``); a failure rolls back.
+    :param drift: result of ``canary.analysis.drift.compare_arms``; ``{"drifted": [...]}`` non-empty blocks
+        advance and promotion (the routing is biased).
+    """
+    stats = observations if isinstance(observations, ArmStats) else ArmStats.from_frame(
+        observations, policy, thresholds)
+    hist = LookHistory.from_dict(history)
+    look = len(hist.looks)
+    a_rb = policy.alpha_rollback / len(policy.metrics)
+    evidence: list[MetricEvidence] = []
+    record: dict[str, Any] = {}
+    for m in policy.metrics:
+        ev = MetricEvidence(m.name, m.kind, m.direction, m.critical, tested=False)
+        evidence.append(ev)
+        record[m.name] = {"t": None}
+        cells = stats.metrics.get(m.name)
+        c = compare(cells, m) if cells is not None and len(cells.n) else None
+        if c is None:
+            ev.note = "no data in both arms yet"
+            continue
+        ev.stable, ev.canary, ev.diff, ev.se, ev.df = c.stable_mean, c.canary_mean, c.diff, c.se, c.df
+        ev.samples = {"stable": c.n_stable, "canary": c.n_canary}
+        ev.clusters = {"stable": c.clusters_stable, "canary": c.clusters_canary}
+        ev.margin, ev.z_harm, ev.z_ni = c.margin_abs, c.z_harm, c.z_ni
+        if min(c.n_stable, c.n_canary) < policy.min_samples or min(c.clusters_stable,
+                                                                   c.clusters_canary) < policy.min_clusters:
+            ev.note = (f"not tested: needs >= {policy.min_samples} samples and >= {policy.min_clusters} minute "
+                       "clusters per arm")
+            continue
+        if not math.isfinite(c.se) or c.se <= 0:
+            ev.note = "not tested: no variation in either arm yet"
+            continue
+        prev = hist.fractions(m.name)
+        t = max(_fraction(policy, c.n_canary, look), prev[-1] if prev else 0.0)
+        fr = [*prev, t]
+        ev.tested, ev.information = True, t
+        ev.b_rollback = boundaries(fr, a_rb, policy.rollback_spending, policy.hsd_gamma)[-1]
+        ev.b_promotion = boundaries(fr, policy.alpha_promotion, policy.promotion_spending, policy.hsd_gamma)[-1]
+        ev.harm = c.z_harm >= ev.b_rollback
+        ev.non_inferior = c.z_ni >= ev.b_promotion
+        q = ev.b_promotion if math.isfinite(ev.b_promotion) else 3.0
+        ev.interval = (c.diff - q * c.se, c.diff + q * c.se)
+        record[m.name] = {"t": t, "b_rollback": ev.b_rollback, "b_promotion": ev.b_promotion}
+        if m.critical and policy.circuit_breaker_enabled:
+            tau = max(abs(c.stable_mean), c.margin_abs, 4 * c.se)
+            ev.breaker = circuit_breaker(m.sign * c.diff, c.se**2, tau, policy.circuit_breaker_alpha)
+
+    srm = srm_test(stats.traffic, policy.srm_alpha, policy.expected_canary_share)
+    labels = {name: labelled_share_test(lab, policy.srm_alpha) for name, lab in stats.labels.items()}
+    decision, reason = _decide(policy, evidence, srm, labels, data_quality, drift, is_last_step)
+    new_hist = LookHistory(looks=[*hist.looks, {"look": look, "decision": decision, "metrics": record}])
+    return Verdict(decision, reason, evidence, srm, labels, data_quality, drift, look, is_last_step, new_hist)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, dq: dict | None,
+            drift: dict | None, last: bool) -> tuple[str, str]:
+    tripped = [e for e in ev if e.breaker and e.breaker["tripped"]]
+    if tripped:
+        e = tripped[0]
+        return "rollback", (f"circuit breaker on critical metric {e.name}: canary {_fmt(e.canary)} vs stable "
+                            f"{_fmt(e.stable)} (log LR {_fmt(e.breaker['log_lr'])} >= {_fmt(e.breaker['threshold'])})")
+    harmed = [e for e in ev if e.harm]
+    if harmed:
+        parts = [f"{e.name}: canary {_fmt(e.canary)} vs stable {_fmt(e.stable)}, z_harm {_fmt(e.z_harm)} >= "
+                 f"boundary {_fmt(e.b_rollback)}" for e in harmed]
+        return "rollback", "harm shown on " + "; ".join(parts)
+    if dq is not None and not dq.get("success", True):
+        names = ", ".join(f"{f.get('expectation')}({f.get('column', '')}) observed {f.get('observed')}"
+                          for f in dq.get("failures", []))
+        return "rollback", f"data quality failed on the canary's rows: {names or 'see data_quality'}"
+    blocks = []
+    if srm.get("mismatch"):
+        blocks.append(f"sample ratio mismatch (p = {srm['p_value']:.2g} < {srm['alpha']})")
+    for name, lab in labels.items():
+        if lab.get("mismatch"):
+            blocks.append(f"labelled share differs between arms for {name} (stable {_fmt(lab['stable_share'])}, "
+                          f"canary {_fmt(lab['canary_share'])}, p = {lab['p_value']:.2g})")
+    if drift and drift.get("drifted"):
+        blocks.append(f"inputs differ between arms (routing biased?): {', '.join(map(str, drift['drifted']))}")
+    if blocks:
+        return "extend", "untrustworthy data, no advance or promotion: " + "; ".join(blocks)
+    if not last:
+        missing = [e.name for e in ev if e.critical and not e.tested]
+        if missing:
+            return "extend", f"critical metrics not testable yet: {', '.join(missing)}"
+        return "advance", "no harm shown on any metric; gates hold"
+    not_ni = [e for e in ev if not (e.tested and e.non_inferior)]
+    if not not_ni:
+        return "promote", "every metric non-inferior within its margin; gates hold"
+    parts = []
+    for e in not_ni:
+        if not e.tested:
+            parts.append(f"{e.name} not testable yet ({e.note})")
+        else:
+            parts.append(f"{e.name}: z_ni {_fmt(e.z_ni)} < boundary {_fmt(e.b_promotion)} (margin {_fmt(e.margin)})")
+    return "extend", "not yet shown non-inferior: " + "; ".join(parts)

@@ -1,0 +1,223 @@
+"""Sufficient statistics per (metric, arm, step, minute cluster) and the stratified two-arm comparison.
+
+Every number the judge tests comes from :func:`compare`: per step and arm the mean and a variance that is
+robust to per-minute noise independent between arms (cluster-robust "CR1" variance over minute clusters,
+never below the per-request variance), combined over steps with Cochran-Mantel-Haenszel weights
+(``n_canary * n_stable / (n_canary + n_stable)`` per step; they do not depend on the outcomes). Combining
+within steps means a ramping canary share plus a base rate that drifts over the day cannot create a
+difference. Degrees of freedom follow Welch-Satterthwaite over the (step, arm) cells, and the t statistic is
+mapped to the z scale (same tail probability) so group-sequential boundaries apply unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from canary.analysis.policy import MetricPolicy, Policy
+
+ARMS = ("stable", "canary")
+
+
+@dataclass
+class MetricCells:
+    """Sufficient statistics of one metric: one entry per (arm, step, cluster).
+
+    :param canary: True for the canary arm, False for stable.
+    :param step: step index (0-based) of the cell.
+    :param cluster: minute bucket (any integer id; unique per arm and step).
+    :param n: observations in the cell; :param s1: their sum; :param s2: their sum of squares.
+    """
+
+    canary: np.ndarray
+    step: np.ndarray
+    cluster: np.ndarray
+    n: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, canary, step, cluster, n, s1, s2) -> MetricCells:
+        return cls(np.asarray(canary, dtype=bool), np.asarray(step, dtype=np.int64),
+                   np.asarray(cluster, dtype=np.int64), np.asarray(n, dtype=float),
+                   np.asarray(s1, dtype=float), np.asarray(s2, dtype=float))
+
+    def samples(self) -> tuple[int, int]:
+        """(stable, canary) observation counts."""
+        return int(self.n[~self.canary].sum()), int(self.n[self.canary].sum())
+
+
+@dataclass
+class ArmStats:
+    """Everything the judge needs, aggregated: per-metric cells, traffic per step and arm, label coverage.
+
+    :param metrics: metric name -> :class:`MetricCells`.
+    :param traffic: one dict per (step, arm): ``step``, ``arm``, ``requests``, ``units`` (distinct unit ids,
+        0 when unknown) and ``percent`` (the canary percent of that step, when known).
+    :param labels: label metric name -> ``{arm: {"eligible": int, "labelled": int}}`` (predictions old
+        enough for their label at the look time, and how many of them have one).
+    :param thresholds: latency thresholds (ms) actually used, per metric name.
+    """
+
+    metrics: dict[str, MetricCells]
+    traffic: list[dict[str, Any]] = field(default_factory=list)
+    labels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_frame(cls, df: Any, policy: Policy, thresholds: dict[str, float] | None = None) -> ArmStats:
+        """Aggregate per-request observations (Contract 3 DataFrame form).
+
+        Columns: ``arm`` (stable/canary; other arms are ignored), ``step`` (int), ``ts`` (datetime, the
+        minute bucket is taken from it), one column per metric name (per-request value, NaN when not
+        observable), optionally ``percent`` (canary percent of the step) and ``unit_id``. For a
+        ``latency_threshold`` metric the column holds the latency in ms, or the 0/1 exceedance when its
+        threshold is not numeric and not in ``thresholds``.
+        """
+        import pandas as pd
+
+        need = {"arm", "step", "ts"} | {m.name for m in policy.metrics}
+        missing = sorted(need - set(df.columns))
+        if missing:
+            raise ValueError(f"observations lack columns {missing}: give one column per metric name plus "
+                             "arm, step and ts (see Contract 3)")
+        df = df[df["arm"].isin(ARMS)]
+        minute = pd.to_datetime(df["ts"]).astype("datetime64[s]").astype("int64") // 60
+        base = pd.DataFrame({"canary": (df["arm"] == "canary").to_numpy(), "step": df["step"].astype(int).to_numpy(),
+                             "cluster": minute.to_numpy()})
+        thresholds = dict(thresholds or {})
+        metrics: dict[str, MetricCells] = {}
+        labels: dict[str, dict[str, dict[str, int]]] = {}
+        for m in policy.metrics:
+            x = pd.to_numeric(df[m.name], errors="coerce").to_numpy(dtype=float)
+            if m.kind == "latency_threshold":
+                thr = m.threshold if isinstance(m.threshold, int | float) else thresholds.get(m.name)
+                if thr is not None:
+                    x = np.where(np.isnan(x), np.nan, (x > float(thr)).astype(float))
+                    thresholds[m.name] = float(thr)
+            ok = ~np.isnan(x)
+            if m.needs_labels:
+                labels[m.name] = {
+                    arm: {"eligible": int((base["canary"] == (arm == "canary")).sum()),
+                          "labelled": int((ok & (base["canary"] == (arm == "canary")).to_numpy()).sum())}
+                    for arm in ARMS}
+            g = base[ok].assign(x=x[ok], x2=x[ok] ** 2).groupby(["canary", "step", "cluster"], sort=True)
+            agg = g.agg(n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum")).reset_index()
+            metrics[m.name] = MetricCells.from_arrays(agg["canary"], agg["step"], agg["cluster"], agg["n"],
+                                                      agg["s1"], agg["s2"])
+        traffic = []
+        tcols = ["step", "arm"]
+        t = df.assign(step=df["step"].astype(int)).groupby(tcols)
+        has_units = "unit_id" in df.columns
+        has_pct = "percent" in df.columns
+        for (step, arm), part in t:
+            traffic.append({"step": int(step), "arm": str(arm), "requests": int(len(part)),
+                            "units": int(part["unit_id"].nunique()) if has_units else 0,
+                            "percent": float(part["percent"].iloc[0]) if has_pct else None})
+        return cls(metrics=metrics, traffic=traffic, labels=labels, thresholds=thresholds)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Canary minus stable for one metric, stratified by step.
+
+    ``diff`` is canary - stable (metric units); ``se`` its standard error; ``df`` the Satterthwaite degrees
+    of freedom; ``z_harm`` the one-sided harm statistic on the z scale (large = canary worse);
+    ``z_ni`` the non-inferiority statistic (large = canary shown no worse than the margin);
+    ``margin_abs`` the margin in metric units (relative margins use stable's estimate).
+    """
+
+    stable_mean: float
+    canary_mean: float
+    diff: float
+    se: float
+    df: float
+    z_harm: float
+    z_ni: float
+    margin_abs: float
+    n_stable: int
+    n_canary: int
+    clusters_stable: int
+    clusters_canary: int
+    steps: int
+
+
+def t_to_z(t: float, df: float) -> float:
+    """The z value with the same upper tail probability as ``t`` on ``df`` degrees of freedom."""
+    if not math.isfinite(t):
+        return t
+    if not math.isfinite(df) or df > 1e6:
+        return t
+    p = stats.t.sf(abs(t), df)
+    z = stats.norm.isf(p) if p > 0 else 38.0
+    return math.copysign(float(z), t)
+
+
+def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray):
+    """Per (step, arm) totals, mean, variance of the mean and degrees of freedom."""
+    key = step_idx * 2 + c.canary.astype(np.int64)
+    size = nstep * 2
+    has = c.n > 0
+    N = np.bincount(key, c.n, size)
+    S1 = np.bincount(key, c.s1, size)
+    S2 = np.bincount(key, c.s2, size)
+    G = np.bincount(key[has], minlength=size).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = S1 / N
+        e = c.s1 - m[key] * c.n
+        R = np.bincount(key, e * e, size)
+        v_cr = G / (G - 1.0) * R / (N * N)
+        s2 = np.maximum(S2 / N - m * m, 0.0) * N / (N - 1.0)
+        v_iid = s2 / N
+    use_cr = v_cr > v_iid
+    v = np.where(use_cr, v_cr, v_iid)
+    dfc = np.where(use_cr, G - 1.0, N - 1.0)
+    return N, m, v, dfc, G
+
+
+def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
+    """Stratified comparison of the two arms; ``None`` when no step has data in both arms."""
+    steps, step_idx = np.unique(c.step, return_inverse=True)
+    if len(steps) == 0:
+        return None
+    N, m, v, dfc, G = _cells(c, len(steps), step_idx)
+    Nb, Nc = N[0::2], N[1::2]
+    valid = (Nb >= 2) & (Nc >= 2) & np.isfinite(v[0::2]) & np.isfinite(v[1::2])
+    if not valid.any():
+        return None
+    w = np.where(valid, Nb * Nc / np.maximum(Nb + Nc, 1.0), 0.0)
+    w = w / w.sum()
+    mb, mc = np.where(valid, m[0::2], 0.0), np.where(valid, m[1::2], 0.0)
+    vb, vc = np.where(valid, v[0::2], 0.0), np.where(valid, v[1::2], 0.0)
+    db, dc = dfc[0::2], dfc[1::2]
+    stable_mean, canary_mean = float(w @ mb), float(w @ mc)
+    diff = canary_mean - stable_mean
+    sign = metric.sign
+
+    def z_and_df(k: float, shift: float) -> tuple[float, float, float]:
+        comp_b, comp_c = w * w * k * k * vb, w * w * vc
+        var = float(comp_b.sum() + comp_c.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = np.where(valid, comp_b**2 / np.maximum(db, 1.0) + comp_c**2 / np.maximum(dc, 1.0), 0.0).sum()
+        dof = var * var / den if den > 0 else math.inf
+        se = math.sqrt(var)
+        est = float(w @ (mc - k * mb)) - shift
+        return (est / se if se > 0 else (math.inf if est > 0 else -math.inf if est < 0 else 0.0)), se, dof
+
+    th, se, dof = z_and_df(1.0, 0.0)
+    z_harm = t_to_z(sign * th, dof)
+    if metric.margin_type == "relative":
+        k = 1.0 + sign * metric.margin
+        tn, _, dof_n = z_and_df(k, 0.0)
+        margin_abs = metric.margin * abs(stable_mean)
+    else:
+        tn, _, dof_n = z_and_df(1.0, sign * metric.margin)
+        margin_abs = metric.margin
+    z_ni = t_to_z(-sign * tn, dof_n)
+    nb, nc = int(Nb.sum()), int(Nc.sum())
+    return Comparison(stable_mean, canary_mean, diff, se, dof, z_harm, z_ni, margin_abs, nb, nc,
+                      int(G[0::2].sum()), int(G[1::2].sum()), int(valid.sum()))
