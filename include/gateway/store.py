@@ -1,0 +1,378 @@
+"""The prediction log and the route table (Contract 2), through SQLAlchemy.
+
+SQLite (WAL) by default, PostgreSQL by URL. Rows are written by one background thread in batches (one transaction
+per batch, executemany); the request path only puts a row on a bounded queue. When the queue is full the
+request waits (back-pressure) instead of dropping the row. `stop()` flushes every accepted row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from gateway.routing import Route
+
+log = logging.getLogger("gateway.store")
+
+metadata = MetaData()
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("ts", DateTime(timezone=False), nullable=False),
+    Column("model", Text, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("arm", Text, nullable=False),
+    Column("unit_id", Text, nullable=True),
+    Column("features", Text, nullable=False),
+    Column("prediction", Double, nullable=True),
+    Column("score", Double, nullable=True),
+    Column("latency_ms", Double, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("error", Text, nullable=True),
+    Index("ix_predictions_model_ts", "model", "ts"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("request_id", Text, nullable=False),
+    Column("ts", DateTime(timezone=False), nullable=False),
+    Column("label", Double, nullable=False),
+    Column("correction", Double, nullable=True),
+    Column("source", Text, nullable=True),
+    Index("ix_feedback_request_id", "request_id"),
+)
+
+routes = Table(
+    "routes",
+    metadata,
+    Column("model", Text, primary_key=True),
+    Column("stable", Text, nullable=False),
+    Column("canary", Text, nullable=True),
+    Column("canary_percent", Double, nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("lease_expires_at", DateTime(timezone=False), nullable=True),
+    Column("salt", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=False), nullable=False),
+)
+
+
+def make_engine(db_url: str) -> Engine:
+    """An engine for the log: SQLite gets WAL, NORMAL sync and a busy timeout; others a pre-pinged pool."""
+    if db_url.startswith("sqlite"):
+        engine = create_engine(db_url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(db_url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the three tables and their indexes when missing (safe to call on every start)."""
+    metadata.create_all(engine, checkfirst=True)
+
+
+def _insert_ignoring_duplicates(engine: Engine, table: Table):  # noqa: ANN202 - dialect-specific Insert
+    """INSERT that skips a row whose primary key exists (a repeated client request id must not fail a batch)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+    return insert(table)
+
+
+_STOP = object()
+
+
+@dataclass
+class PredictionLog:
+    """Background batch writer of predictions and feedback with an in-memory index of recent request ids.
+
+    :param engine: SQLAlchemy engine of the log database.
+    :param enabled: False disables writing predictions (benchmark baseline only; feedback then always 404s).
+    :param batch_size: most rows per transaction.
+    :param max_queue: queue bound; a full queue makes `put` wait (back-pressure), it never drops a row.
+    :param flush_interval: longest wait before a partial batch is written, seconds.
+    :param recent_ids: how many committed request ids to remember for feedback look-ups without a query.
+    :param spill_path: where rows go if the database still refuses them when the gateway stops.
+    :param on_written: called with the number of prediction rows committed (metrics).
+    """
+
+    engine: Engine
+    enabled: bool = True
+    batch_size: int = 500
+    max_queue: int = 50_000
+    flush_interval: float = 0.05
+    recent_ids: int = 200_000
+    spill_path: Path | None = None
+    on_written: Callable[[int], None] | None = None
+    _queue: queue.Queue = field(init=False)
+    _pending: dict[str, str] = field(default_factory=dict, init=False)
+    _recent: OrderedDict = field(default_factory=OrderedDict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    rows_written: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._queue = queue.Queue(maxsize=self.max_queue)
+        self._insert_prediction = _insert_ignoring_duplicates(self.engine, predictions)
+        self._insert_feedback = insert(feedback)
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Write every queued row, then stop the writer (called from the gateway's shutdown)."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error(
+                "prediction log writer did not finish within %.0fs; %d rows queued", timeout, self.backlog
+            )
+        self._thread = None
+
+    @property
+    def backlog(self) -> int:
+        """Rows accepted but not yet committed."""
+        return len(self._pending)
+
+    def known(self, request_id: str) -> str | None:
+        """The model of a request id that is queued or recently committed, else None (then ask the database)."""
+        with self._lock:
+            return self._pending.get(request_id) or self._recent.get(request_id)
+
+    def try_put_prediction(self, row: dict) -> bool:
+        """Queue a prediction row without waiting; False when the queue is full (caller then waits)."""
+        if not self.enabled:
+            return True
+        with self._lock:
+            self._pending[row["request_id"]] = row["model"]
+        try:
+            self._queue.put_nowait(("p", row))
+            return True
+        except queue.Full:
+            return False
+
+    def put_prediction_blocking(self, row: dict) -> None:
+        """Queue a prediction row, waiting while the queue is full (back-pressure)."""
+        if self.enabled:
+            self._queue.put(("p", row))
+
+    def put_feedback(self, row: dict) -> None:
+        """Queue a feedback row, waiting while the queue is full."""
+        self._queue.put(("f", row))
+
+    def lookup_model(self, request_id: str) -> str | None:
+        """The model that answered `request_id`: memory first (queued or recent), then the database."""
+        model = self.known(request_id)
+        if model is not None:
+            return model
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(predictions.c.model).where(predictions.c.request_id == request_id)
+            ).scalar_one_or_none()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch = []
+            if item is _STOP:
+                stopping = True
+            else:
+                batch.append(item)
+            deadline = time.monotonic() + self.flush_interval
+            while len(batch) < self.batch_size and not stopping:
+                timeout = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if stopping:  # drain everything that was accepted before the stop
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        batch.append(item)
+            if batch:
+                for start in range(0, len(batch), self.batch_size):
+                    self._write(batch[start : start + self.batch_size], final=stopping)
+
+    def _write(self, batch: list[tuple[str, dict]], final: bool) -> None:
+        preds = [row for kind, row in batch if kind == "p"]
+        fbs = [row for kind, row in batch if kind == "f"]
+        delay, attempts = 0.1, 0
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    if preds:
+                        conn.execute(self._insert_prediction, preds)
+                    if fbs:
+                        conn.execute(self._insert_feedback, fbs)
+                break
+            except DBAPIError as exc:
+                attempts += 1
+                log.error("prediction log write failed (attempt %d, %d rows): %s", attempts, len(batch), exc)
+                if final and attempts >= 5:
+                    self._spill(batch)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        with self._lock:
+            for row in preds:
+                rid = row["request_id"]
+                self._recent[rid] = self._pending.pop(rid, row["model"])
+            while len(self._recent) > self.recent_ids:
+                self._recent.popitem(last=False)
+        self.rows_written += len(preds)
+        if self.on_written is not None and preds:
+            self.on_written(len(preds))
+
+    def _spill(self, batch: list[tuple[str, dict]]) -> None:
+        path = self.spill_path or Path("gateway-unwritten-rows.jsonl")
+        with open(path, "a") as handle:
+            for kind, row in batch:
+                handle.write(
+                    json.dumps({"table": "predictions" if kind == "p" else "feedback", **row}, default=str)
+                )
+                handle.write("\n")
+        log.error("database unavailable at shutdown: %d rows written to %s for replay", len(batch), path)
+
+
+@dataclass
+class RouteStore:
+    """Persistence of routes with compare-and-set on the generation."""
+
+    engine: Engine
+
+    def load_all(self) -> dict[str, Route]:
+        """Every stored route by model."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(routes)).mappings().all()
+        return {row["model"]: Route(**dict(row)) for row in rows}
+
+    def insert(self, route: Route) -> bool:
+        """Store a first route; False when one already exists (another process created it)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(routes).values(**_route_row(route)))
+            return True
+        except DBAPIError:
+            return False
+
+    def replace(self, route: Route, expected_generation: int) -> bool:
+        """Write `route` only when the stored generation is still `expected_generation`."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(routes)
+                .where(routes.c.model == route.model, routes.c.generation == expected_generation)
+                .values(**_route_row(route))
+            )
+            return result.rowcount == 1
+
+
+def _route_row(route: Route) -> dict:
+    return {
+        "model": route.model,
+        "stable": route.stable,
+        "canary": route.canary,
+        "canary_percent": route.canary_percent,
+        "mode": route.mode,
+        "generation": route.generation,
+        "lease_expires_at": route.lease_expires_at,
+        "salt": route.salt,
+        "updated_at": route.updated_at,
+    }
+
+
+def prediction_row(
+    *,
+    request_id: str,
+    ts: datetime,
+    model: str,
+    version: str,
+    arm: str,
+    unit_id: str | None,
+    features: dict,
+    prediction: float | None,
+    score: float | None,
+    latency_ms: float,
+    status: str,
+    error: str | None,
+) -> dict:
+    """One `predictions` row; NaN scores and predictions are stored as NULL."""
+    return {
+        "request_id": request_id,
+        "ts": ts,
+        "model": model,
+        "version": version,
+        "arm": arm,
+        "unit_id": unit_id,
+        "features": json.dumps(features, separators=(",", ":")),
+        "prediction": _number_or_none(prediction),
+        "score": _number_or_none(score),
+        "latency_ms": latency_ms,
+        "status": status,
+        "error": error,
+    }
+
+
+def _number_or_none(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None if value is None else float(value)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if number != number or number in (float("inf"), float("-inf")) else number
