@@ -161,16 +161,45 @@ def _interval(ev: Mapping[str, Any]) -> tuple[float | None, float | None]:
     return _float(_first(ev, "ci_low", "interval_low", "lower")), _float(_first(ev, "ci_high", "interval_high", "upper"))
 
 
+def _status(ev: Mapping[str, Any]) -> str | None:
+    explicit = _first(ev, "status", "result")
+    if explicit is not None:
+        return str(explicit)
+    if "tested" not in ev and "harm" not in ev:
+        return None
+    if (ev.get("breaker") or {}).get("tripped"):
+        return "circuit breaker"
+    if ev.get("harm"):
+        return "harm"
+    if ev.get("non_inferior"):
+        return "non-inferior"
+    return "inconclusive" if ev.get("tested") else "not tested"
+
+
 def _point(label: str, ev: Mapping[str, Any]) -> MetricPoint:
+    """Read one metric's evidence as the judge writes it (``MetricEvidence.to_dict()``).
+
+    The judge's boundaries are on the z scale; on the difference scale the harm boundary is
+    ``sign * b_rollback * se`` (sign +1 when lower is better) and the non-inferiority boundary is the
+    margin, ``sign * margin``. The interval is the judge's (``diff ± b_promotion * se``): its upper end
+    (lower end for ``increase`` metrics) inside the margin is exactly "non-inferior".
+    """
     low, high = _interval(ev)
+    sign = -1.0 if ev.get("direction") == "increase" else 1.0
+    se = _float(ev.get("se"))
+    b_rb = _float(_first(ev, "b_rollback"))
+    rollback = _float(_first(ev, "rollback_boundary_diff", "rollback_bound"))
+    if rollback is None and se is not None and b_rb is not None and math.isfinite(b_rb):
+        rollback = sign * b_rb * se
+    margin = _float(_first(ev, "margin_abs", "margin"))
     return MetricPoint(
         label=label,
-        difference=_float(_first(ev, "difference", "diff", "delta")),
+        difference=_float(_first(ev, "diff", "difference", "delta")),
         low=low,
         high=high,
-        rollback_bound=_float(_first(ev, "rollback_boundary_diff", "harm_boundary_diff", "rollback_bound")),
-        noninferiority_bound=_float(_first(ev, "margin_abs", "noninferiority_bound", "margin_diff")),
-        status=_first(ev, "status", "decision", "result"),
+        rollback_bound=rollback,
+        noninferiority_bound=None if margin is None else sign * margin,
+        status=_status(ev),
     )
 
 
@@ -368,7 +397,8 @@ def _metric_table(points: list[MetricPoint]) -> str:
     return _dict_rows_table(rows)
 
 
-_EVIDENCE_SKIP = {"name"}
+_EVIDENCE_COLUMNS = ("name", "critical", "stable", "canary", "diff", "interval", "z_harm", "b_rollback", "z_ni",
+                     "b_promotion", "margin", "information", "samples", "note")
 
 
 def _look_evidence_table(verdict: Mapping[str, Any]) -> str:
@@ -377,11 +407,9 @@ def _look_evidence_table(verdict: Mapping[str, Any]) -> str:
         return ""
     rows = []
     for ev in metrics:
-        row = {"metric": ev.get("name")}
-        for k, v in ev.items():
-            if k in _EVIDENCE_SKIP:
-                continue
-            row[k] = v
+        keys = [k for k in _EVIDENCE_COLUMNS if k in ev] or list(ev)
+        row = {("metric" if k == "name" else k): ev.get(k) for k in keys}
+        row["result"] = _status(ev)
         rows.append(row)
     return _dict_rows_table(rows)
 
