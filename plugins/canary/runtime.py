@@ -164,7 +164,9 @@ def analyze(
     )
 
 
-def decide(plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None) -> str:
+def decide(
+    plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None, dag_steps: int | None = None
+) -> str:
     """The branch of step ``step_index``: which task runs next, from the step's analysis XCom.
 
     ``advance`` goes to the next step's ``set_traffic`` (``promote`` after the last step only when the
@@ -172,11 +174,18 @@ def decide(plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | Non
     (the analyze task only returns ``extend`` at the cap) and any verdict that does not fit the step
     (``advance`` at the last step, or an unknown decision) follow the spec's ``on_inconclusive``.
 
-    :returns: the task id to follow: ``step_<i+1>.set_traffic``, ``promote``, ``step_<i>.to_rollback`` or
-        ``step_<i>.to_pause`` (the per-step gates in front of the shared ``rollback`` and ``pause`` tasks).
+    The trigger params may shorten the steps (never lengthen them): the DAG then has ``dag_steps`` step
+    groups but the run's last step is ``len(plan["spec"]["steps"])``, and promotion goes through that
+    step's ``to_promote`` gate.
+
+    :returns: the task id to follow: ``step_<i+1>.set_traffic``, ``promote``, or a per-step gate
+        ``step_<i>.to_promote`` / ``step_<i>.to_rollback`` / ``step_<i>.to_pause`` in front of the shared
+        ``promote``, ``rollback`` and ``pause`` tasks (a branch may only skip its direct downstream tasks,
+        so every step reaches the shared tasks through its own gate).
     """
     steps = plan["spec"]["steps"]
     n = len(steps)
+    dag_steps = n if dag_steps is None else dag_steps
     if not 1 <= step_index <= n:
         raise ValueError(f"step_index={step_index} is outside 1..{n}: the plan has {n} steps")
     verdict = (analysis or {}).get("verdict") or {}
@@ -186,7 +195,7 @@ def decide(plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | Non
     if decision == "rollback":
         return f"{group}.to_rollback"
     if decision == "promote" and last:
-        return "promote"
+        return "promote" if step_index == dag_steps else f"{group}.to_promote"
     if decision in ("advance", "promote") and not last:
         return f"step_{step_index + 1}.set_traffic"
     inconclusive = plan["spec"].get("on_inconclusive", "rollback")
