@@ -1,0 +1,99 @@
+"""What the demo runs: the rollout spec with hold windows of seconds, and the two expected outcomes.
+
+The demo spec is the project's own ``include/rollouts/fraud.yaml`` with the durations shortened (holds,
+polls, label delay, post-deployment window, lease) so a whole rollout takes about a minute; everything else
+(metrics, margins, alphas, gates) is the real spec. The trigger params (candidate, steps, hold minimums)
+are passed as the run conf, exactly as the UI form would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from canary_demo.stack import REPO
+
+MODEL = "fraud"
+STABLE = "v1"
+
+#: Durations of the demo spec (seconds). Labels arrive within ``label_delay`` from the simulator.
+DEMO_TIMINGS: dict[str, Any] = {
+    "hold": {"min_duration": 20, "min_samples": 150, "max_wait": 120, "poll_interval": 3},
+    "lease": 300,
+    "deadline": 900,
+    "post_deploy": {"window": 10, "min_samples": 100},
+    "label_delay": 5,
+}
+
+
+@dataclass(frozen=True)
+class RolloutCase:
+    """One rollout of the demo and what must come out of it.
+
+    :param title: what the case shows.
+    :param candidate: the version rolled out.
+    :param expect: ``promoted`` or ``rolled_back``.
+    :param params: the trigger params (the run conf, as from the UI form).
+    """
+
+    title: str
+    candidate: str
+    expect: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def conf(self) -> dict[str, Any]:
+        """The run conf: the candidate plus the case's params."""
+        return {"candidate": self.candidate, **self.params}
+
+
+CASES: tuple[RolloutCase, ...] = (
+    RolloutCase(
+        title="good candidate: better model, same latency and error rate",
+        candidate="v2",
+        expect="promoted",
+        params={"steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150},
+    ),
+    RolloutCase(
+        title="bad candidate: trained on last year's data, wrong far more often on today's traffic",
+        candidate="v3",
+        expect="rolled_back",
+        params={"steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150},
+    ),
+)
+
+
+def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo spec as a dict: the real spec file with :data:`DEMO_TIMINGS` applied."""
+    import yaml
+
+    source = source or REPO / "include" / "rollouts" / f"{MODEL}.yaml"
+    spec = yaml.safe_load(source.read_text())
+    t = dict(DEMO_TIMINGS if timings is None else timings)
+    spec["hold"] = dict(t["hold"])
+    spec["lease"] = t["lease"]
+    spec["deadline"] = t["deadline"]
+    spec["post_deploy"] = dict(t["post_deploy"])
+    for metric in spec.get("metrics", []):
+        if metric.get("label_delay") is not None:
+            metric["label_delay"] = t["label_delay"]
+    spec["description"] = (
+        "Demo copy of include/rollouts/fraud.yaml with hold windows of seconds (written by canary_demo).\n"
+        + str(spec.get("description") or "")
+    )
+    return spec
+
+
+def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None) -> Path:
+    """Write the demo spec to ``folder/fraud.yaml`` and check it with the real loader."""
+    import yaml
+    from canary.spec import load_spec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{MODEL}.yaml"
+    path.write_text(
+        "# Written by python -m canary_demo: the fraud spec with holds of seconds. Edit include/rollouts.\n"
+        + yaml.safe_dump(demo_spec(timings=timings), sort_keys=False)
+    )
+    load_spec(path)  # fails here, naming the field, if the demo timings do not fit the spec rules
+    return path
