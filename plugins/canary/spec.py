@@ -706,6 +706,8 @@ def _load_yaml(text: str, file: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        lines = text.splitlines()
+        shown = lines[mark.line].strip() if mark is not None and mark.line < len(lines) else None
         problem = getattr(exc, "problem", None) or str(exc)
         context = getattr(exc, "context", None)
         detail = f"{context}, {problem}" if context else str(problem)
@@ -714,7 +716,7 @@ def _load_yaml(text: str, file: str) -> Any:
                 Problem(
                     file,
                     "",
-                    where,
+                    shown,
                     f"YAML syntax error at {where}: {detail}",
                     "fix the YAML syntax there (indentation, a missing ':' or an unclosed bracket or quote)",
                 )
