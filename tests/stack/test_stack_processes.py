@@ -1,0 +1,278 @@
+"""The docker-compose services, started here as plain processes, and a rollout driven through the REST API.
+
+What runs (each with its compose ``command:`` and environment, see ``stack_processes``): ``stack.init_airflow``,
+``airflow api-server``, ``airflow scheduler``, ``airflow dag-processor``, ``airflow triggerer`` (LocalExecutor,
+SQLite metadata database in a temp AIRFLOW_HOME), the demo-model training, the gateway (prediction log in a
+fresh PostgreSQL database made by the compose postgres init script) and the simulator. Every compose
+healthcheck is run against them. Then, as a user would: log in at ``/auth/token``, unpause the rollout DAG,
+trigger it with a conf like the trigger form sends, follow the run through ``/api/v2`` until it ends, read the
+decision record from the task log through the API, and check the gateway's route.
+
+Bounded: every wait has a timeout, the module has a hard pytest timeout, and teardown kills every process
+group this module started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from stack_compose import REPO, load_compose
+from stack_processes import (
+    LocalPorts,
+    ProcessGroup,
+    airflow_argv,
+    airflow_environment,
+    command_argv,
+    local_executable,
+    replace_option,
+    run_healthcheck,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(360)
+
+DAG_ID = "canary_rollout__fraud"
+MODEL = "fraud"
+AIRFLOW_SERVICES = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
+
+
+@dataclass
+class Stack:
+    """The running stack: where things are and how to reach them."""
+
+    group: ProcessGroup
+    home: Path
+    ports: LocalPorts
+    admin_user: str
+    admin_password: str
+    gateway_token: str
+    prediction_db_url: str
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gateway}"
+
+    def token(self) -> str:
+        """A JWT from the simple auth manager, as a script would get one."""
+        answer = requests.post(f"{self.api}/auth/token", timeout=10,
+                               json={"username": self.admin_user, "password": self.admin_password})
+        assert answer.status_code == 201, answer.text
+        return answer.json()["access_token"]
+
+
+def _secret_values() -> dict[str, str]:
+    """Fresh values for every variable .env provides (what `python -m stack.make_env` would write)."""
+    from stack.make_env import fernet_key
+
+    return {
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": secrets.token_urlsafe(32),
+        "AIRFLOW_ADMIN_USER": "admin",
+        "AIRFLOW_ADMIN_PASSWORD": secrets.token_urlsafe(32),
+        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW_SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW_FERNET_KEY": fernet_key(),
+        "CANARY_GATEWAY_TOKEN": secrets.token_urlsafe(32),
+        "AIRFLOW_API_PORT": "8080",
+        "GATEWAY_PORT": "8808",
+        "SIMULATOR_MODEL": MODEL,
+        "SIMULATOR_RATE": "40",
+        "SIMULATOR_DURATION": "300",
+    }
+
+
+def _prediction_database(env: dict[str, str]) -> Iterator[tuple[str, dict]]:
+    """Create a uniquely named prediction-log database with the compose postgres init script; drop it after."""
+    from conftest import PG_URL
+
+    url = make_url(PG_URL)
+    name = f"stack_e2e_{uuid.uuid4().hex[:10]}"
+    script = REPO / "include" / "stack" / "postgres-init" / "10-prediction-log.sh"
+    created = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": os.environ["PATH"], "PGHOST": url.host or "127.0.0.1", "PGPORT": str(url.port or 5432),
+             "POSTGRES_USER": url.username or "postgres", "POSTGRES_DB": url.database or "postgres",
+             "CANARY_PREDICTION_DB": name, **({"PGPASSWORD": url.password} if url.password else {})},
+    )
+    assert created.returncode == 0, created.stderr
+    db_url = url.set(database=name).render_as_string(hide_password=False)
+    conn = {"host": url.host or "127.0.0.1", "port": url.port or 5432, "schema": name,
+            "login": url.username or "postgres", "password": url.password or ""}
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        yield db_url, conn
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    compose = load_compose()["services"]
+    home = tmp_path_factory.mktemp("stack")
+    values = _secret_values()
+    ports = LocalPorts()
+    group = ProcessGroup(home)
+    db_gen = _prediction_database(values)
+    db_url, log_conn = next(db_gen)
+    try:
+        yield _start(compose, home, values, ports, group, db_url, log_conn)
+    finally:
+        group.stop_all()
+        next(db_gen, None)
+
+
+def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
+    env = {
+        name: airflow_environment(compose[name], values, home=home, ports=ports, prediction_log=log_conn)
+        for name in ("airflow-init", *AIRFLOW_SERVICES)
+    }
+    # One JWT secret (and one everything else) for every Airflow process, exactly as in the compose file.
+    assert len({json.dumps(e, sort_keys=True) for n, e in env.items() if n != "airflow-init"}) == 1
+
+    # 1. airflow-init: secrets checked, database migrated, admin password written.
+    init_argv = local_executable(airflow_argv(command_argv(compose["airflow-init"], values)))
+    init = subprocess.run(init_argv, env=env["airflow-init"], capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert init.returncode == 0, init.stdout[-3000:] + init.stderr[-3000:]
+    assert values["AIRFLOW_ADMIN_PASSWORD"] not in init.stdout + init.stderr
+
+    # 2. demo-models (one-shot, before the gateway).
+    models = home / "models"
+    train_argv = local_executable(command_argv(compose["demo-models"], values))
+    train_argv = replace_option(train_argv, "--out", str(models))
+    trained = subprocess.run(train_argv, env=_plain_env(home), capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    # 3. The long-running services.
+    for name in AIRFLOW_SERVICES:
+        group.start(name, local_executable(airflow_argv(command_argv(compose[name], values))), env[name])
+    gateway_argv = local_executable(command_argv(compose["gateway"], values))
+    for option, value in (("--model-dir", str(models)), ("--db-url", db_url),
+                          ("--spill-path", str(home / "gateway" / "spill.jsonl")), ("--host", "127.0.0.1"),
+                          ("--port", str(ports.gateway))):
+        gateway_argv = replace_option(gateway_argv, option, value)
+    (home / "gateway").mkdir()
+    group.start("gateway", gateway_argv,
+                {**_plain_env(home), "CANARY_GATEWAY_TOKEN": values["CANARY_GATEWAY_TOKEN"]})
+
+    # 4. Every compose healthcheck passes against the local processes.
+    substitutions = {"http://localhost:8080": f"http://127.0.0.1:{ports.api}",
+                     "http://localhost:8974": f"http://127.0.0.1:{ports.scheduler_health}",
+                     "http://localhost:8808": f"http://127.0.0.1:{ports.gateway}",
+                     "http://gateway:8808": f"http://127.0.0.1:{ports.gateway}"}
+    for name in (*AIRFLOW_SERVICES, "gateway"):
+        check = compose[name]["healthcheck"]["test"]
+        wait_for(lambda check=check, name=name: run_healthcheck(
+                     check, env.get(name, _plain_env(home)), substitutions).returncode == 0,
+                 timeout=150, interval=2, what=f"the {name} healthcheck {check}", group=group)
+    pg_env = {**_plain_env(home), "POSTGRES_USER": log_conn["login"], "POSTGRES_PASSWORD": log_conn["password"],
+              "CANARY_PREDICTION_DB": log_conn["schema"]}
+    pg_check = run_healthcheck(compose["postgres"]["healthcheck"]["test"], pg_env, {})
+    assert pg_check.returncode == 0, pg_check.stderr
+
+    return Stack(group=group, home=home, ports=ports, admin_user=values["AIRFLOW_ADMIN_USER"],
+                 admin_password=values["AIRFLOW_ADMIN_PASSWORD"], gateway_token=values["CANARY_GATEWAY_TOKEN"],
+                 prediction_db_url=db_url)
+
+
+def _plain_env(home: Path) -> dict[str, str]:
+    """Environment of the non-Airflow services: import paths and nothing secret."""
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": os.environ.get("HOME", str(home)), "LANG": "C.UTF-8",
+            "PYTHONPATH": f"{REPO / 'include'}:{REPO / 'plugins'}", "GX_ANALYTICS_ENABLED": "False"}
+
+
+def _get(stack: Stack, token: str, path: str, **params) -> requests.Response:
+    return requests.get(f"{stack.api}{path}", headers={"Authorization": f"Bearer {token}"}, params=params,
+                        timeout=15)
+
+
+def test_every_service_is_up_and_airflow_reports_its_components_healthy(stack):
+    stack.group.check_running()
+    health = requests.get(f"{stack.api}/api/v2/monitor/health", timeout=10).json()
+    for component in ("metadatabase", "scheduler", "triggerer", "dag_processor"):
+        assert health[component]["status"] == "healthy", health
+    assert requests.get(f"{stack.gateway}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_the_rest_api_needs_a_valid_login(stack):
+    assert requests.get(f"{stack.api}/api/v2/dags", timeout=10).status_code == 401
+    wrong = requests.post(f"{stack.api}/auth/token", json={"username": stack.admin_user, "password": "nope"},
+                          timeout=10)
+    assert wrong.status_code == 401
+    forged = requests.get(f"{stack.api}/api/v2/dags", timeout=10,
+                          headers={"Authorization": "Bearer " + secrets.token_urlsafe(40)})
+    assert forged.status_code in (401, 403)
+    assert _get(stack, stack.token(), "/api/v2/dags").status_code == 200
+
+
+def test_the_rollout_dags_are_parsed_without_import_errors(stack):
+    token = stack.token()
+    dag = wait_for(lambda: _get(stack, token, f"/api/v2/dags/{DAG_ID}").status_code == 200,
+                   timeout=120, interval=2, what=f"{DAG_ID} to appear in the REST API", group=stack.group)
+    assert dag
+    errors = _get(stack, token, "/api/v2/importErrors").json()
+    assert errors["total_entries"] == 0, errors
+    specs = sorted(p.stem for p in (REPO / "include" / "rollouts").glob("*.yaml"))
+    listed = {d["dag_id"] for d in _get(stack, token, "/api/v2/dags", limit=100).json()["dags"]}
+    assert {f"canary_rollout__{s}" for s in specs} <= listed
+
+
+def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
+    token = stack.token()
+    headers = {"Authorization": f"Bearer {token}"}
+    wait_for(lambda: _get(stack, token, f"/api/v2/dags/{DAG_ID}").status_code == 200,
+             timeout=120, interval=2, what=f"{DAG_ID} in the REST API", group=stack.group)
+    unpaused = requests.patch(f"{stack.api}/api/v2/dags/{DAG_ID}", json={"is_paused": False}, headers=headers,
+                              timeout=15)
+    assert unpaused.status_code == 200, unpaused.text
+
+    route_before = requests.get(f"{stack.gateway}/v1/models/{MODEL}/route", timeout=5).json()
+    conf = {"candidate": "v2", "steps": [25, 50], "hold_min_duration": "15s", "hold_min_samples": 100,
+            "hold_max_wait": "90s"}
+    # The body the trigger form sends: no logical date for a manual rollout, the params as conf.
+    created = requests.post(f"{stack.api}/api/v2/dags/{DAG_ID}/dagRuns", headers=headers, timeout=15,
+                            json={"logical_date": None, "conf": conf, "note": "stack test"})
+    assert created.status_code == 200, created.text
+    run_id = created.json()["dag_run_id"]
+    assert created.json()["conf"] == conf
+
+    started = time.monotonic()
+    run = wait_for(lambda: (lambda r: r if r["state"] in ("success", "failed") else None)(
+                       _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()),
+                   timeout=240, interval=3, what=f"run {run_id} to finish", group=stack.group)
+    tasks = {ti["task_id"]: ti for ti in _get(
+        stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", limit=100).json()["task_instances"]}
+    summary = {task_id: ti["state"] for task_id, ti in tasks.items()}
+    assert run["state"] == "success", f"run ended {run['state']} after {time.monotonic() - started:.0f}s: {summary}"
+    assert summary["promote"] == "success", summary
+
+    route = requests.get(f"{stack.gateway}/v1/models/{MODEL}/route", timeout=5).json()
+    assert route["stable"] == "v2" and route["canary"] in (None, route_before["stable"]), route
+    assert route["canary_percent"] == 0 and route["generation"] > route_before["generation"], route
+
+    log = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/step_2.analyze/logs/1",
+               full_content="true")
+    assert log.status_code == 200, log.text
+    assert "promote" in log.text.lower(), log.text[-2000:]
+    assert stack.gateway_token not in log.text
