@@ -63,11 +63,14 @@ CASES: tuple[RolloutCase, ...] = (
 )
 
 
+SPECS = REPO / "include" / "rollouts"
+
+
 def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo spec as a dict: the real spec file with :data:`DEMO_TIMINGS` applied."""
     import yaml
 
-    source = source or REPO / "include" / "rollouts" / f"{MODEL}.yaml"
+    source = source or SPECS / f"{MODEL}.yaml"
     spec = yaml.safe_load(source.read_text())
     t = dict(DEMO_TIMINGS if timings is None else timings)
     spec["hold"] = dict(t["hold"])
@@ -78,22 +81,29 @@ def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None)
         if metric.get("label_delay") is not None:
             metric["label_delay"] = t["label_delay"]
     spec["description"] = (
-        "Demo copy of include/rollouts/fraud.yaml with hold windows of seconds (written by canary_demo).\n"
+        f"Demo copy of include/rollouts/{source.name} with hold windows of seconds (written by canary_demo).\n"
         + str(spec.get("description") or "")
     )
     return spec
 
 
-def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None) -> Path:
-    """Write the demo spec to ``folder/fraud.yaml`` and check it with the real loader."""
+def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None, source: Path | None = None) -> Path:
+    """Write the demo copy of ``source`` (default the fraud spec) into ``folder`` and check it with the
+    real loader (which names the field if the demo timings do not fit the spec rules)."""
     import yaml
     from canary.spec import load_spec
 
+    source = source or SPECS / f"{MODEL}.yaml"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{MODEL}.yaml"
+    path = folder / source.name
     path.write_text(
-        "# Written by python -m canary_demo: the fraud spec with holds of seconds. Edit include/rollouts.\n"
-        + yaml.safe_dump(demo_spec(timings=timings), sort_keys=False)
+        f"# Written by canary_demo: {source.name} with holds of seconds. Edit include/rollouts/{source.name}.\n"
+        + yaml.safe_dump(demo_spec(source, timings), sort_keys=False)
     )
-    load_spec(path)  # fails here, naming the field, if the demo timings do not fit the spec rules
+    load_spec(path)
     return path
+
+
+def write_demo_specs(folder: Path, timings: dict[str, Any] | None = None) -> list[Path]:
+    """Demo copies of every spec in ``include/rollouts`` (for ``make airflow``)."""
+    return [write_demo_spec(folder, timings, source) for source in sorted(SPECS.glob("*.yaml"))]

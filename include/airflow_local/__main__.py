@@ -1,0 +1,100 @@
+"""``python -m airflow_local`` (``make airflow``): Airflow standalone with the gateway and simulated traffic.
+
+Sets up ``var/airflow`` (the same state folder as the demo), trains the demo models when they are missing,
+starts the real model gateway on 127.0.0.1 with a random admin token and the SQLite prediction log, starts
+the traffic simulator (with label feedback) as a child process, and runs ``airflow standalone`` bound to
+127.0.0.1. The connections ``canary_gateway`` and ``canary_prediction_log`` are given to Airflow as
+``AIRFLOW_CONN_*`` environment variables, so the token is never written to disk.
+
+By default the DAGs are built from demo copies of ``include/rollouts/*.yaml`` with holds of seconds
+(``var/demo/rollouts``) so a rollout triggered from the UI finishes in a few minutes; ``--real-specs``
+uses ``include/rollouts`` as they are. Ctrl-C stops Airflow, the simulator and the gateway (in that order).
+See docs/demo.md for triggering a rollout from the UI form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from canary_demo.scenario import write_demo_specs
+from canary_demo.stack import REPO, DemoError, StackPaths, airflow_env, new_token, start_gateway
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m airflow_local", description=__doc__.split("\n\n")[0])
+    p.add_argument("--var-dir", default=str(REPO / "var"), help="state folder (default: <repo>/var)")
+    p.add_argument("--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", 8808)))
+    p.add_argument("--airflow-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", 8080)))
+    p.add_argument("--model", default=os.environ.get("SIMULATOR_MODEL", "fraud"), help="model the simulator calls")
+    p.add_argument("--rate", type=float, default=float(os.environ.get("RATE", 20)), help="requests per second")
+    p.add_argument("--real-specs", action="store_true", help="use include/rollouts as is (10-minute holds)")
+    return p.parse_args(argv)
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    paths = StackPaths(Path(args.var_dir).resolve())
+    paths.make()
+    token = new_token()
+    env = airflow_env(paths, gateway_port=args.gateway_port, token=token)
+    env.update({
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(args.airflow_port),
+        "AIRFLOW__API__WORKERS": "1",
+    })
+    if not args.real_specs:
+        spec_dir = paths.var / "demo" / "rollouts"
+        write_demo_specs(spec_dir)
+        env["CANARY_ROLLOUTS_DIR"] = str(spec_dir)
+    os.environ.update(env)
+
+    if not (paths.models / args.model).is_dir():
+        print(f"training the demo models into {paths.models} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "demo_models.train", "--out", str(paths.models)], env=env, check=True)
+
+    gateway = simulator = airflow = None
+    try:
+        gateway = start_gateway(paths, token, args.gateway_port)
+        print(f"gateway: {gateway.url} (log {gateway.log_path})", flush=True)
+        sim_log = open(paths.logs / "simulator.log", "ab")  # noqa: SIM115 (lives as long as the child)
+        simulator = subprocess.Popen(
+            [sys.executable, "-m", "simulator", "--url", gateway.url, "--model", args.model,
+             "--rate", str(args.rate), "--duration", str(7 * 24 * 3600)],
+            env=env, stdout=sim_log, stderr=subprocess.STDOUT,
+        )
+        print(f"simulator: {args.rate:g} requests/s to {args.model} (log {paths.logs / 'simulator.log'})", flush=True)
+        print(f"airflow: http://127.0.0.1:{args.airflow_port} (AIRFLOW_HOME {paths.airflow_home}; the admin "
+              "password is printed below and stored in simple_auth_manager_passwords.json.generated there)",
+              flush=True)
+        airflow = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env)
+        return airflow.wait()
+    except DemoError as exc:
+        print(f"airflow_local: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(airflow, 60)
+        _stop(simulator)
+        if gateway is not None:
+            gateway.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
