@@ -17,7 +17,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 _LOWER_SD = 9.0  # the density of S is carried down to -9 standard deviations
 
@@ -44,6 +44,10 @@ def spending(t: float, alpha: float, kind: str = "pocock", gamma: float = -2.0) 
     raise ValueError(f"spending kind={kind!r} is unknown: use pocock, obrien_fleming or hsd")
 
 
+def _pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
 class _Walk:
     """Sub-density of S_k on the continuation region, advanced look by look."""
 
@@ -57,9 +61,9 @@ class _Walk:
         if not math.isfinite(b):
             return 0.0
         if self.grid is None:
-            return float(stats.norm.sf(b))
+            return float(special.ndtr(-b))
         sd = math.sqrt(t - self.t)
-        return float(np.dot(self.dens, stats.norm.sf((b * math.sqrt(t) - self.grid) / sd)))
+        return float(np.dot(self.dens, special.ndtr((self.grid - b * math.sqrt(t)) / sd)))
 
     def advance(self, t: float, b: float) -> None:
         """Condition on Z_t < b and move the density to fraction t."""
@@ -73,14 +77,19 @@ class _Walk:
         w[1:-1:2], w[2:-1:2] = 4.0, 2.0
         w *= (grid[1] - grid[0]) / 3.0
         if self.grid is None:
-            dens = stats.norm.pdf(grid, scale=math.sqrt(t))
+            dens = _pdf(grid / math.sqrt(t)) / math.sqrt(t)
         else:
             sd = math.sqrt(inc)
             dens = np.empty(n)
             for lo in range(0, n, 512):  # chunks keep the kernel matrix small
-                k = stats.norm.pdf((grid[lo : lo + 512, None] - self.grid[None, :]) / sd) / sd
+                k = _pdf((grid[lo : lo + 512, None] - self.grid[None, :]) / sd) / sd
                 dens[lo : lo + 512] = k @ self.dens
         self.t, self.grid, self.dens = t, grid, dens * w
+
+
+def _round2(t: float) -> float:
+    t = min(max(float(t), 1e-4), 1.0)
+    return round(t, 1 - int(math.floor(math.log10(t))))
 
 
 @lru_cache(maxsize=4096)
@@ -115,10 +124,12 @@ def boundaries(fractions: list[float] | tuple[float, ...], alpha: float, kind: s
                gamma: float = -2.0) -> list[float]:
     """Upper z boundaries for looks at the given information fractions (increasing, in (0, 1]).
 
-    Fractions are rounded to 1e-4 (so nearby sequences share the cache). A look that adds no information
-    gets an infinite boundary (it cannot reject).
+    Fractions are rounded to two significant digits (0.0123 -> 0.012, 0.347 -> 0.35) so that nearby
+    sequences share the cache; the spending at a rounded fraction differs from the exact one by at most a
+    few percent of that look's increment. A look that adds no information gets an infinite boundary (it
+    cannot reject).
     """
-    fr = tuple(round(min(max(float(t), 1e-4), 1.0), 4) for t in fractions)
+    fr = tuple(_round2(t) for t in fractions)
     return list(_bounds_cached(fr, float(alpha), kind, float(gamma)))
 
 

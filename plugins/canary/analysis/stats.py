@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from canary.analysis.policy import MetricPolicy, Policy
 
@@ -152,8 +152,8 @@ def t_to_z(t: float, df: float) -> float:
         return t
     if not math.isfinite(df) or df > 1e6:
         return t
-    p = stats.t.sf(abs(t), df)
-    z = stats.norm.isf(p) if p > 0 else 38.0
+    p = float(special.stdtr(df, -abs(t)))
+    z = -float(special.ndtri(p)) if p > 0 else 38.0
     return math.copysign(float(z), t)
 
 
