@@ -46,6 +46,7 @@ __all__ = [
     "build_dag",
     "build_broken_dag",
     "build_dags",
+    "branch_target",
     "discover_specs",
     "rollouts_dir",
     "trigger_params",
@@ -260,12 +261,21 @@ def _set_traffic(step_index: int, **context: Any) -> dict[str, Any]:
     )
 
 
+def branch_target(
+    plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None, dag_steps: int
+) -> str:
+    """The task the ``decide`` branch of step ``step_index`` follows: :func:`canary.runtime.decide`'s choice,
+    routed through this step's ``to_promote`` gate when the trigger params shortened the steps (the DAG's
+    ``promote`` is a direct downstream of the last step group's ``decide`` only)."""
+    target = runtime.decide(plan, step_index, analysis)
+    if target == "promote" and step_index < dag_steps:
+        return f"step_{step_index}.to_promote"
+    return target
+
+
 def _decide(step_index: int, dag_steps: int, **context: Any) -> str:
-    return runtime.decide(
-        _pull(context, "validate"),
-        step_index,
-        _pull(context, f"step_{step_index}.analyze"),
-        dag_steps=dag_steps,
+    return branch_target(
+        _pull(context, "validate"), step_index, _pull(context, f"step_{step_index}.analyze"), dag_steps
     )
 
 
