@@ -12,13 +12,19 @@ Task ids used to pull upstream XComs (fixed by Contract 4, steps 1-based): ``val
 ``step_<i>.set_traffic``, ``step_<i>.hold``, ``step_<i>.analyze``, ``step_<i>.decide``, ``rollback``,
 ``pause``, ``promote``, ``post_deploy_hold``, ``drift_check``, ``report``, ``fail_safe``.
 
-Bodies other than :func:`validate`, :func:`decide` and :func:`latest_analysis` arrive with issue 5 (the
-runtime engineer); until then they raise ``NotImplementedError`` so no task reports success it did not earn.
+Hooks come from the spec's ``connections`` (``router``: the gateway, ``prediction_log``: the log). Every
+function can be re-run: route changes are absolute and compare-and-set on the generation this run last
+wrote, analysis windows are the recorded times in XCom, and a retry that finds its own change in place
+returns it instead of changing traffic again.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -35,6 +41,16 @@ __all__ = [
     "drift_check",
     "report",
     "fail_safe",
+    "hold_settings",
+    "post_deploy_settings",
+    "renew_lease",
+    "arm_counts",
+    "version_count",
+    "circuit_breaker",
+    "power_plan",
+    "offline_gate",
+    "root_cause",
+    "HoldSettings",
     "PLAN_VERSION",
     "MANUAL_RUN_TYPES",
 ]
@@ -102,6 +118,161 @@ def validate(
     }
 
 
+# --------------------------------------------------------------------------------------------------------
+# Settings read from the plan (durations are seconds in the plan: RolloutSpec.to_dict()).
+
+#: Default offline gate: how much worse than stable a candidate's offline eval metric (model metadata) may
+#: be before pre-flight stops the run. Offline metrics come from different held-out sets (a candidate trained
+#: on other data is evaluated on its own), so this is a sanity gate that stops a clearly broken candidate
+#: (AUC near 0.5, a loss that doubled) before it sees traffic; the online comparison decides the rest.
+#: A plan's spec may carry ``offline_gate: {metric: {direction, margin, margin_type}}`` to tighten it.
+OFFLINE_GATE: dict[str, dict[str, Any]] = {
+    "accuracy": {"direction": "increase", "margin": 0.2, "margin_type": "absolute"},
+    "auc": {"direction": "increase", "margin": 0.2, "margin_type": "absolute"},
+    "log_loss": {"direction": "decrease", "margin": 1.0, "margin_type": "relative"},
+    "mae": {"direction": "decrease", "margin": 1.0, "margin_type": "relative"},
+    "rmse": {"direction": "decrease", "margin": 1.0, "margin_type": "relative"},
+}
+
+#: Length of the pre-rollout reference window of stable traffic (baseline, power plan, drift reference).
+REFERENCE_WINDOW_S = 3600
+
+#: Most rows read for the baseline and for each side of a drift comparison when the spec does not say.
+BASELINE_SAMPLE = 20000
+
+
+@dataclass(frozen=True)
+class HoldSettings:
+    """How a step's hold ends, from the plan's spec.
+
+    :param min_duration_s: minimum hold time per step.
+    :param min_samples: minimum requests per arm in the step's window.
+    :param max_wait_s: the cap of a step (hold plus extend looks), measured from the step's start.
+    :param poll_interval_s: seconds between polls of the hold.
+    :param needs_labels: some metric is computed from labels.
+    :param label_delay_s: the longest label delay of the label metrics.
+    :param min_labelled: matured labelled predictions needed per arm when labels are needed.
+    :param circuit_breaker: the spec enables the circuit breaker.
+    """
+
+    min_duration_s: float
+    min_samples: int
+    max_wait_s: float
+    poll_interval_s: float
+    needs_labels: bool
+    label_delay_s: float
+    min_labelled: int
+    circuit_breaker: bool
+
+
+def _spec(plan: dict[str, Any]) -> dict[str, Any]:
+    if not plan or "spec" not in plan:
+        raise ValueError("the plan has no 'spec': pass the XCom of the 'validate' task (Contract 4)")
+    return plan["spec"]
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    from canary.spec import parse_duration
+
+    return float(parse_duration(value))
+
+
+def hold_settings(plan: dict[str, Any]) -> HoldSettings:
+    """The hold settings of this run (the trigger form may have overridden the spec's)."""
+    spec = _spec(plan)
+    hold = spec.get("hold") or {}
+    label_metrics = [m for m in spec.get("metrics", []) if m.get("source") in _LABEL_SOURCES]
+    min_samples = int(hold.get("min_samples", 500))
+    return HoldSettings(
+        min_duration_s=_seconds(hold.get("min_duration", 600)),
+        min_samples=min_samples,
+        max_wait_s=_seconds(hold.get("max_wait", 7200)),
+        poll_interval_s=max(0.2, _seconds(hold.get("poll_interval", 30))),
+        needs_labels=bool(label_metrics),
+        label_delay_s=max((_seconds(m.get("label_delay", 0) or 0) for m in label_metrics), default=0.0),
+        # Labels arrive for a share of requests only: a fifth of min_samples per arm is the floor before a look.
+        min_labelled=max(1, min_samples // 5) if label_metrics else 0,
+        circuit_breaker=bool((spec.get("circuit_breaker") or {}).get("enabled", True)),
+    )
+
+
+def post_deploy_settings(plan: dict[str, Any]) -> tuple[float, int]:
+    """``(window seconds, min samples)`` of the post-deployment hold."""
+    post = _spec(plan).get("post_deploy") or {}
+    return _seconds(post.get("window", 600)), int(post.get("min_samples", 500))
+
+
+_LABEL_SOURCES = ("label", "mismatch", "abs_error", "squared_error")
+
+
+def _model(plan: dict[str, Any]) -> str:
+    return str(_spec(plan)["model"])
+
+
+def _router(plan: dict[str, Any]) -> Any:
+    from canary.hooks.router import TrafficRouterHook
+
+    conns = _spec(plan).get("connections") or {}
+    return TrafficRouterHook(conns.get("router") or TrafficRouterHook.default_conn_name)
+
+
+def _log_hook(plan: dict[str, Any]) -> Any:
+    from canary.hooks.prediction_log import PredictionLogHook
+
+    conns = _spec(plan).get("connections") or {}
+    return PredictionLogHook(conns.get("prediction_log") or PredictionLogHook.default_conn_name)
+
+
+def _fail(message: str) -> Exception:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    return AirflowFailException(message)
+
+
+def _now() -> datetime:
+    from canary.hooks.timeutil import utcnow
+
+    return utcnow()
+
+
+def _context() -> Any:
+    """The running task's context, or None outside a task (tests calling runtime functions directly)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        return get_current_context()
+    except Exception:  # noqa: BLE001 - no task is running
+        return None
+
+
+def _xcom(task_id: str, key: str = "return_value") -> Any:
+    ctx = _context()
+    if ctx is None:
+        return None
+    try:
+        return ctx["ti"].xcom_pull(task_ids=task_id, key=key)
+    except Exception:  # noqa: BLE001 - a task that did not run has no XCom
+        return None
+
+
+def _push(key: str, value: Any) -> None:
+    ctx = _context()
+    if ctx is not None:
+        ctx["ti"].xcom_push(key=key, value=value)
+
+
+def _log(message: str, *args: Any) -> None:
+    import logging
+
+    logging.getLogger("canary.runtime").info(message, *args)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pre-flight
+
+
 def resolve_candidate(plan: dict[str, Any], versions: list[dict[str, Any]], stable: str) -> str | None:
     """The candidate of this run: the plan's, or for a scheduled run the newest registered version newer
     than ``stable`` (by ``created_at``); ``None`` when there is none (preflight then skips the run).
@@ -112,9 +283,243 @@ def resolve_candidate(plan: dict[str, Any], versions: list[dict[str, Any]], stab
     :param versions: the model's versions as in ``GET /v1/models`` (Contract 1).
     :param stable: the stable version from the current route.
     """
-    raise NotImplementedError(
-        "resolve_candidate arrives with issue 5: it reads the registry through TrafficRouterHook"
+    candidate = plan.get("candidate")
+    if candidate:
+        if candidate == stable:
+            raise ValueError(
+                f"candidate={candidate!r} is the stable version of {_model(plan)!r}: nothing to roll out. "
+                "Give a registered version other than stable in the trigger form's 'candidate' field."
+            )
+        return str(candidate)
+    by_name = {str(v.get("version")): v for v in versions}
+    stable_created = str((by_name.get(stable) or {}).get("created_at") or "")
+    newer = [
+        v for v in versions
+        if str(v.get("version")) != stable
+        and str(v.get("created_at") or "") > stable_created
+        and v.get("loadable", True)
+        and v.get("stage") != "archived"
+    ]
+    if not newer:
+        return None
+    newer.sort(key=lambda v: (str(v.get("created_at") or ""), str(v.get("version"))))
+    return str(newer[-1]["version"])
+
+
+def offline_gate(
+    stable_metrics: dict[str, Any], candidate_metrics: dict[str, Any], gate: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Compare offline eval metrics (model metadata) of candidate and stable.
+
+    :returns: ``{"passed": bool, "checks": [{"metric", "stable", "candidate", "allowed", "passed"}]}``;
+        metrics missing on either side are listed as skipped, not failed.
+    """
+    gate = gate or OFFLINE_GATE
+    checks = []
+    for name, rule in gate.items():
+        s, c = stable_metrics.get(name), candidate_metrics.get(name)
+        if s is None or c is None:
+            checks.append({"metric": name, "stable": s, "candidate": c, "skipped": True, "passed": True})
+            continue
+        s, c = float(s), float(c)
+        margin = float(rule.get("margin", 0.0))
+        tol = margin * abs(s) if rule.get("margin_type", "absolute") == "relative" else margin
+        if rule.get("direction", "increase") == "increase":
+            allowed, ok = s - tol, c >= s - tol
+        else:
+            allowed, ok = s + tol, c <= s + tol
+        checks.append({"metric": name, "stable": s, "candidate": c, "allowed": allowed,
+                       "direction": rule.get("direction", "increase"), "passed": bool(ok)})
+    return {"passed": all(ch["passed"] for ch in checks), "checks": checks}
+
+
+def metric_value(metric: dict[str, Any], row: dict[str, Any], threshold: float | None = None) -> float:
+    """The per-request value of ``metric`` (a spec metric dict) for one logged request (NaN if unobservable)."""
+    nan = float("nan")
+    source = metric.get("source")
+    status = row.get("status")
+    pred, score, label = row.get("prediction"), row.get("score"), row.get("label")
+    if source == "error":
+        return 1.0 if status == "error" else 0.0
+    if source == "latency_ms":
+        lat = row.get("latency_ms")
+        if lat is None:
+            return nan
+        if metric.get("kind") == "latency_threshold" and threshold is not None:
+            return 1.0 if float(lat) > threshold else 0.0
+        return float(lat)
+    if source == "null_score":
+        if status == "error":
+            return nan
+        return 1.0 if score is None or (isinstance(score, float) and math.isnan(score)) else 0.0
+    if source == "score":
+        return nan if score is None else float(score)
+    if source == "prediction":
+        return nan if pred is None else float(pred)
+    if label is None or pred is None:
+        return nan
+    if source == "label":
+        return float(label)
+    if source == "mismatch":
+        return 0.0 if float(pred) == float(label) else 1.0
+    if source == "abs_error":
+        return abs(float(pred) - float(label))
+    if source == "squared_error":
+        return (float(pred) - float(label)) ** 2
+    return nan
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _threshold(metric: dict[str, Any], baseline: dict[str, Any]) -> float | None:
+    thr = metric.get("threshold")
+    if thr == "baseline_p95":
+        return baseline.get("latency_p95_ms")
+    return float(thr) if isinstance(thr, int | float) else None
+
+
+def _baseline(plan: dict[str, Any], stable: str, now: datetime) -> dict[str, Any]:
+    """Stable's pre-rollout window: latency p95, per-metric mean and variance, request rate, label share."""
+    spec = _spec(plan)
+    log = _log_hook(plan)
+    start = now - timedelta(seconds=REFERENCE_WINDOW_S)
+    rows = log.window_rows(
+        _model(plan), start=start, end=now, versions={"stable": stable}, with_labels=True,
+        limit=max(BASELINE_SAMPLE, int((spec.get("drift") or {}).get("sample_size", 0) or 0)),
     )
+    from canary.hooks.timeutil import iso, parse_ts
+
+    total = log.version_count(_model(plan), version=stable, start=start, end=now)
+    first = min((parse_ts(r["ts"]) for r in rows), default=None)
+    window_start = max(start, first) if first else start
+    span = max(1.0, (now - window_start).total_seconds())
+    p95 = _quantile([float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None], 0.95)
+    baseline: dict[str, Any] = {
+        "latency_p95_ms": p95,
+        "reference_window": [iso(window_start), iso(now)],
+        "requests": total,
+        "sampled": len(rows),
+        "rate_per_s": total / span if total else 0.0,
+        "labelled_share": (sum(1 for r in rows if r.get("label") is not None) / len(rows)) if rows else 0.0,
+        "base_rates": {},
+        "variances": {},
+    }
+    for m in spec.get("metrics", []):
+        thr = _threshold(m, baseline)
+        xs = [metric_value(m, r, thr) for r in rows]
+        xs = [x for x in xs if not math.isnan(x)]
+        if xs:
+            mean = sum(xs) / len(xs)
+            var = sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1)
+        else:
+            mean, var = None, None
+        baseline["base_rates"][m["name"]] = mean
+        baseline["variances"][m["name"]] = var
+    return baseline
+
+
+def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Expected time per step, requests exposed to the canary, and the smallest harm each metric can detect.
+
+    Pure: from the spec (as a dict) and the baseline. The detectable harm is the difference the one-sided
+    rollback test at the metric's alpha share detects with 80 % power at the end of the plan (a fixed-sample
+    approximation; group-sequential boundaries cost a few percent more).
+    """
+    from statistics import NormalDist
+
+    hold = spec.get("hold") or {}
+    min_duration = _seconds(hold.get("min_duration", 600))
+    min_samples = int(hold.get("min_samples", 500))
+    max_wait = _seconds(hold.get("max_wait", 7200))
+    metrics = spec.get("metrics", [])
+    label_metrics = [m for m in metrics if m.get("source") in _LABEL_SOURCES]
+    label_delay = max((_seconds(m.get("label_delay", 0) or 0) for m in label_metrics), default=0.0)
+    labelled_share = float(baseline.get("labelled_share") or 0.0)
+    rate = float(baseline.get("rate_per_s") or 0.0)
+    steps_out, total_s, n_canary, n_stable = [], 0.0, 0.0, 0.0
+    for i, pct in enumerate(spec.get("steps", []), start=1):
+        share = float(pct) / 100.0
+        c_rate, s_rate = rate * share, rate * (1 - share)
+        needs = [("min_duration", min_duration)]
+        if c_rate > 0 and s_rate > 0:
+            needs.append(("min_samples", min_samples / min(c_rate, s_rate)))
+            if label_metrics:
+                needs.append(("labels", label_delay + (max(1, min_samples // 5) / max(1e-9, min(c_rate, s_rate)
+                                                                                       * max(labelled_share, 1e-9)))))
+        else:
+            needs.append(("no traffic", max_wait))
+        limited_by, t = max(needs, key=lambda x: x[1])
+        if t > max_wait:
+            limited_by, t = "max_wait", max_wait
+        steps_out.append({
+            "step_index": i, "percent": pct, "expected_s": round(t, 1), "limited_by": limited_by,
+            "expected_canary_requests": int(c_rate * t), "expected_stable_requests": int(s_rate * t),
+        })
+        total_s += t
+        n_canary += c_rate * t
+        n_stable += s_rate * t
+    alpha = float((spec.get("alpha") or {}).get("rollback", 0.05)) / max(1, len(metrics))
+    z = NormalDist().inv_cdf(1 - alpha) + NormalDist().inv_cdf(0.8)
+    detectable = {}
+    for m in metrics:
+        var = (baseline.get("variances") or {}).get(m["name"])
+        base = (baseline.get("base_rates") or {}).get(m["name"])
+        nc, ns = n_canary, n_stable
+        if m.get("source") in _LABEL_SOURCES:
+            nc, ns = nc * labelled_share, ns * labelled_share
+        if m.get("kind") in ("binary", "latency_threshold") and base is not None:
+            var = max(float(base) * (1 - float(base)), 1e-12)
+        if var is None or nc < 1 or ns < 1:
+            detectable[m["name"]] = {"base": base, "detectable_harm": None,
+                                     "note": "no stable data in the reference window"}
+            continue
+        mde = z * math.sqrt(var * (1 / nc + 1 / ns))
+        detectable[m["name"]] = {"base": base, "detectable_harm": mde, "margin": m.get("margin"),
+                                 "margin_type": m.get("margin_type")}
+    deadline = _seconds(spec.get("deadline", 86400))
+    post_s = _seconds((spec.get("post_deploy") or {}).get("window", 0))
+    planned = max(int(n_canary), 2 * min_samples)
+    return {
+        "rate_per_s": rate,
+        "steps": steps_out,
+        "expected_total_s": round(total_s + post_s, 1),
+        "deadline_s": deadline,
+        "fits_deadline": total_s + post_s <= deadline,
+        "expected_exposed_requests": int(n_canary),
+        "detectable_harm": detectable,
+        "planned_canary_samples": planned,
+    }
+
+
+def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any]) -> str:
+    """The power plan as a few readable lines for the task log."""
+    lines = [
+        f"power plan for {model}: {stable} -> {candidate}, stable traffic {plan['rate_per_s']:.2f} req/s "
+        f"over the last hour",
+    ]
+    for st in plan["steps"]:
+        lines.append(
+            f"  step {st['step_index']} at {st['percent']}%: ~{st['expected_s']:.0f}s ({st['limited_by']}), "
+            f"~{st['expected_canary_requests']} canary / ~{st['expected_stable_requests']} stable requests"
+        )
+    lines.append(
+        f"  expected total {plan['expected_total_s']:.0f}s (deadline {plan['deadline_s']:.0f}s), "
+        f"~{plan['expected_exposed_requests']} requests exposed to the candidate"
+    )
+    for name, d in plan["detectable_harm"].items():
+        if d.get("detectable_harm") is None:
+            lines.append(f"  {name}: {d.get('note')}")
+        else:
+            lines.append(f"  {name}: base {d['base']:.4g}, smallest harm detectable with 80% power "
+                         f"{d['detectable_harm']:.4g} (margin {d.get('margin')} {d.get('margin_type')})")
+    return "\n".join(lines)
 
 
 def preflight(plan: dict[str, Any]) -> dict[str, Any]:
@@ -127,9 +532,91 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
         "base_rates": {metric: rate}, "reference_window": [start, end]}, "power_plan"}``.
     :raises AirflowSkipException: a scheduled run finds no version newer than stable.
     """
-    raise NotImplementedError(
-        "preflight arrives with issue 5: it needs TrafficRouterHook and PredictionLogHook"
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from canary.hooks.errors import GatewayNotFoundError
+    from canary.hooks.timeutil import iso
+
+    spec = _spec(plan)
+    model = _model(plan)
+    router = _router(plan)
+    try:
+        route = router.get_route(model)
+    except GatewayNotFoundError as exc:
+        raise _fail(f"pre-flight: the gateway does not serve model {model!r} ({exc}); check spec.model and "
+                    "the gateway's model directory") from exc
+    stable = route.stable
+    if not stable:
+        raise _fail(f"pre-flight: the route of {model!r} has no stable version; set one before a rollout")
+    if route.canary and (route.canary_percent > 0 or route.mode == "shadow"):
+        raise _fail(
+            f"pre-flight refused: another canary is active on {model!r}: {route.canary} at "
+            f"{route.canary_percent:g}% ({route.mode}, generation {route.generation}, lease until "
+            f"{route.lease_expires_at}). Nothing was changed. Wait for that rollout to finish or roll it back "
+            "before starting another."
+        )
+    versions = router.list_versions(model)
+    try:
+        candidate = resolve_candidate(plan, versions, stable)
+    except ValueError as exc:
+        raise _fail(f"pre-flight: {exc}") from exc
+    if candidate is None:
+        raise AirflowSkipException(
+            f"no registered version of {model!r} is newer than stable {stable}: nothing to promote tonight"
+        )
+    registered = sorted(str(v.get("version")) for v in versions)
+    try:
+        cand_meta = router.get_version(model, candidate)
+    except GatewayNotFoundError as exc:
+        raise _fail(
+            f"pre-flight: candidate={candidate!r} is not a registered version of {model!r} (registered: "
+            f"{', '.join(registered) or 'none'}). Register it in the model directory or pick one of these."
+        ) from exc
+    if not cand_meta.get("loadable", False):
+        raise _fail(f"pre-flight: candidate {model}/{candidate} does not load at the gateway: "
+                    f"{cand_meta.get('error') or 'unknown error'}. Fix the artifact or its metadata.")
+    stable_meta = router.get_version(model, stable)
+    gate = offline_gate(stable_meta.get("eval_metrics") or {}, cand_meta.get("eval_metrics") or {},
+                        spec.get("offline_gate") or None)
+    gate_text = "; ".join(
+        f"{c['metric']}: stable {c['stable']} candidate {c['candidate']}"
+        + ("" if c.get("skipped") else f" (allowed {c['allowed']:.4g}, {'ok' if c['passed'] else 'WORSE'})")
+        for c in gate["checks"]
     )
+    _log("offline eval gate: %s", gate_text)
+    if not gate["passed"]:
+        raise _fail(f"pre-flight: candidate {candidate} is worse offline than stable {stable} beyond the margin: "
+                    f"{gate_text}. Nothing was changed.")
+    now = _now()
+    baseline = _baseline(plan, stable, now)
+    pp = power_plan(spec, baseline)
+    _log("%s", power_plan_text(model, stable, candidate, pp))
+    if not pp["fits_deadline"]:
+        raise _fail(
+            f"pre-flight: the rollout of {model} cannot finish within its deadline: expected "
+            f"{pp['expected_total_s']:.0f}s > deadline {pp['deadline_s']:.0f}s at {pp['rate_per_s']:.2f} req/s. "
+            "Lower hold.min_samples, use fewer or larger steps, or raise the deadline. Nothing was changed."
+        )
+    return {
+        "model": model,
+        "stable": stable,
+        "candidate": candidate,
+        "generation": route.generation,
+        "route": route.to_dict(),
+        "rollout_started_at": iso(now),
+        "baseline": baseline,
+        "power_plan": pp,
+        "offline_gate": gate,
+        "candidate_features": list(cand_meta.get("features") or []),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Traffic
+
+
+def _target(plan: dict[str, Any], pre: dict[str, Any], percent: float) -> dict[str, Any]:
+    return {"stable": pre["stable"], "canary": pre["candidate"], "canary_percent": float(percent), "mode": "split"}
 
 
 def set_traffic(
@@ -141,9 +628,187 @@ def set_traffic(
     :returns: ``{"route": <route after the change>, "step_started_at": <the gateway's updated_at>,
         "percent", "step_index"}`` (a retry that finds the route already set returns the same time).
     """
-    raise NotImplementedError(
-        "set_traffic arrives with issue 5: it needs TrafficRouterHook (PUT /v1/models/{model}/route)"
+    spec = _spec(plan)
+    steps = spec["steps"]
+    if not 1 <= int(step_index) <= len(steps):
+        raise ValueError(f"step_index={step_index} is outside 1..{len(steps)}")
+    percent = float(steps[int(step_index) - 1])
+    model = _model(plan)
+    if last_route and "route" in last_route:
+        last_route = last_route["route"]
+    expected = int((last_route or {}).get("generation", pre["generation"]) if last_route else pre["generation"])
+    target = _target(plan, pre, percent)
+    _push("intent", {"expected_generation": expected, **target})
+    router = _router(plan)
+    now = router.get_route(model)
+
+    def result(route: Any, note: str) -> dict[str, Any]:
+        _log("step %s: %s; route %s", step_index, note, route.to_dict())
+        return {"route": route.to_dict(), "step_started_at": route.updated_at, "percent": percent,
+                "step_index": int(step_index)}
+
+    if now.generation == expected:
+        route = router.set_route(model, **target, lease_seconds=int(_seconds(spec.get("lease", 900))),
+                                 if_generation=expected)
+        return result(route, f"canary {pre['candidate']} set to {percent:g}%")
+    if now.generation == expected + 1 and now.same_target(**target):
+        # A retry after a change that succeeded: the route is what this task wrote; do not step again.
+        return result(now, f"already at {percent:g}% (this task's earlier attempt); not stepping twice")
+    raise _fail(
+        f"step {step_index}: the route of {model} is not what this run last wrote, someone else changed it: "
+        f"expected generation {expected} ({pre['stable']} with {pre['candidate']} at the previous share), found "
+        f"generation {now.generation}: stable={now.stable} canary={now.canary} at {now.canary_percent:g}% "
+        f"({now.mode}), updated {now.updated_at}. Stopping without touching it; find out who changed it (a lease "
+        "expiry returns traffic to stable and bumps the generation too)."
     )
+
+
+def renew_lease(plan: dict[str, Any], pre: dict[str, Any], generation: int) -> dict[str, Any]:
+    """Extend the lease of the route this run wrote (``generation``); fails if the route moved."""
+    route = _router(plan).renew_lease(
+        _model(plan), if_generation=int(generation), lease_seconds=int(_seconds(_spec(plan).get("lease", 900)))
+    )
+    return route.to_dict()
+
+
+def arm_counts(
+    plan: dict[str, Any], pre: dict[str, Any], *, start: datetime, end: datetime, label_cutoff: datetime | None
+) -> dict[str, dict[str, int]]:
+    """Requests, errors and matured labelled requests per arm in ``[start, end)``."""
+    return _log_hook(plan).arm_counts(
+        _model(plan), stable=pre["stable"], canary=pre["candidate"], start=start, end=end, label_cutoff=label_cutoff
+    )
+
+
+def version_count(plan: dict[str, Any], pre: dict[str, Any], *, start: datetime, end: datetime) -> int:
+    """Requests answered by the candidate (the new stable after promotion) in ``[start, end)``."""
+    return _log_hook(plan).version_count(_model(plan), version=pre["candidate"], start=start, end=end)
+
+
+def circuit_breaker(plan: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict[str, Any] | None:
+    """The always-valid breaker on the error counts of the step so far (critical ``error`` metrics).
+
+    :returns: the breaker's finding when it trips, else None.
+    """
+    spec = _spec(plan)
+    if not (spec.get("circuit_breaker") or {}).get("enabled", True):
+        return None
+    if not any(m.get("source") == "error" and m.get("critical") for m in spec.get("metrics", [])):
+        return None
+    from canary.analysis.gates import circuit_breaker_counts
+
+    alpha = float((spec.get("circuit_breaker") or {}).get("alpha", 0.001))
+    s, c = counts["stable"], counts["canary"]
+    found = circuit_breaker_counts(s["requests"], s["errors"], c["requests"], c["errors"], alpha)
+    if not found.get("tripped"):
+        return None
+    return {**found, "metric": "error", "stable": [s["errors"], s["requests"]], "canary": [c["errors"], c["requests"]]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def _observations(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dict[str, Any]]) -> Any:
+    """Per-request observations of both arms over every step's recorded window (Contract 3 DataFrame)."""
+    import pandas as pd
+
+    from canary.hooks.timeutil import parse_ts
+
+    spec = _spec(plan)
+    log = _log_hook(plan)
+    baseline = pre.get("baseline") or {}
+    metrics = spec.get("metrics", [])
+    frames = []
+    for k, st in enumerate(steps_so_far):
+        start, look_at = parse_ts(st["step_started_at"]), parse_ts(st["look_at"])
+        rows = log.window_rows(_model(plan), start=start, end=look_at,
+                               versions={"stable": pre["stable"], "canary": pre["candidate"]},
+                               with_labels=any(m.get("source") in _LABEL_SOURCES for m in metrics))
+        recs = []
+        for r in rows:
+            ts = parse_ts(r["ts"])
+            rec = {"arm": r["arm"], "step": k, "ts": ts.replace(tzinfo=None), "unit_id": r.get("unit_id"),
+                   "percent": st.get("percent")}
+            for m in metrics:
+                if m.get("source") in _LABEL_SOURCES and (look_at - ts).total_seconds() < _seconds(
+                        m.get("label_delay", 0) or 0):
+                    rec[m["name"]] = float("nan")  # label not matured at the look time: same on both arms
+                else:
+                    rec[m["name"]] = metric_value(m, r, _threshold(m, baseline))
+            recs.append(rec)
+        frames.append(pd.DataFrame.from_records(recs))
+    cols = ["arm", "step", "ts", "unit_id", "percent", *[m["name"] for m in metrics]]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def _feature_frames(plan: dict[str, Any], pre: dict[str, Any], start: datetime, end: datetime,
+                    versions: dict[str, str], limit: int) -> Any:
+    """Logged inputs (one column per feature), with arm, version, prediction, score, status."""
+    import json
+
+    import pandas as pd
+
+    rows = _log_hook(plan).window_rows(_model(plan), start=start, end=end, versions=versions,
+                                       with_features=True, limit=limit)
+    recs = []
+    for r in rows:
+        try:
+            feats = json.loads(r.get("features") or "{}")
+        except ValueError:
+            feats = {}
+        recs.append({**(feats if isinstance(feats, dict) else {}), "arm": r["arm"], "version": r["version"],
+                     "prediction": r.get("prediction"), "score": r.get("score"), "status": r.get("status"),
+                     "latency_ms": r.get("latency_ms")})
+    return pd.DataFrame.from_records(recs)
+
+
+def _data_quality(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dict[str, Any]]) -> Any:
+    """Great Expectations suite of the spec on the canary's rows of the current step (None when no suite)."""
+    from canary.hooks.timeutil import parse_ts
+
+    dq = _spec(plan).get("data_quality") or {}
+    if not dq.get("suite"):
+        return None
+    try:
+        from canary.analysis import quality
+    except ImportError:
+        return None
+    st = steps_so_far[-1]
+    frame = _feature_frames(plan, pre, parse_ts(st["step_started_at"]), parse_ts(st["look_at"]),
+                            {"canary": pre["candidate"]}, int(dq.get("sample_size", 5000)))
+    return quality.validate(frame, dq["suite"])
+
+
+def _arm_drift(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dict[str, Any]]) -> Any:
+    """Input drift between the arms over the current step (a biased routing shows here)."""
+    from canary.hooks.timeutil import parse_ts
+
+    try:
+        from canary.analysis import drift
+    except ImportError:
+        return None
+    spec_drift = _spec(plan).get("drift") or {}
+    st = steps_so_far[-1]
+    frame = _feature_frames(plan, pre, parse_ts(st["step_started_at"]), parse_ts(st["look_at"]),
+                            {"stable": pre["stable"], "canary": pre["candidate"]},
+                            int(spec_drift.get("sample_size", 20000)))
+    if frame.empty:
+        return None
+    features = _drift_features(plan, pre, frame)
+    return drift.compare_arms(frame[frame["arm"] == "stable"], frame[frame["arm"] == "canary"], features,
+                              bins=int(spec_drift.get("bins", 10)),
+                              psi_floor=float(spec_drift.get("psi_floor", 0.1)))
+
+
+def _drift_features(plan: dict[str, Any], pre: dict[str, Any], frame: Any) -> list[str]:
+    wanted = (_spec(plan).get("drift") or {}).get("features", "all")
+    known = list(pre.get("candidate_features") or [])
+    if wanted == "all" or not wanted:
+        return [f for f in known if f in frame.columns] or [
+            c for c in frame.columns if c not in ("arm", "version", "prediction", "score", "status", "latency_ms")]
+    return [f for f in wanted if f in frame.columns]
 
 
 def analyze(
@@ -159,14 +824,30 @@ def analyze(
     :param history: the look history of earlier looks (JSON, see ``canary.analysis.LookHistory``).
     :returns: ``{"verdict": Verdict.to_dict(), "history": LookHistory.to_dict(), "record": <text>}``.
     """
-    raise NotImplementedError(
-        "analyze arrives with issue 5: it needs PredictionLogHook and the judge of issue 4"
-    )
+    from canary.analysis import judge
+    from canary.spec import spec_from_dict
+
+    spec = _spec(plan)
+    rollout = spec_from_dict(spec)
+    planned = (pre.get("power_plan") or {}).get("planned_canary_samples")
+    policy = rollout.policy(planned_canary_samples=int(planned) if planned else None)
+    baseline = pre.get("baseline") or {}
+    thresholds = {m["name"]: baseline["latency_p95_ms"] for m in spec.get("metrics", [])
+                  if m.get("threshold") == "baseline_p95" and baseline.get("latency_p95_ms") is not None}
+    observations = _observations(plan, pre, steps_so_far)
+    dq = _data_quality(plan, pre, steps_so_far)
+    drift = _arm_drift(plan, pre, steps_so_far)
+    is_last = int(steps_so_far[-1]["step_index"]) == len(spec["steps"])
+    verdict = judge(observations, policy, history, is_last_step=is_last, thresholds=thresholds,
+                    data_quality=dq, drift=drift)
+    out = verdict.to_dict()
+    header = (f"{_model(plan)} {pre['stable']} -> {pre['candidate']}, step {steps_so_far[-1]['step_index']}/"
+              f"{len(spec['steps'])} at {steps_so_far[-1].get('percent')}%, window "
+              f"{steps_so_far[-1]['step_started_at']} .. {steps_so_far[-1]['look_at']}")
+    return {"verdict": out, "history": verdict.history.to_dict(), "record": header + "\n" + verdict.to_text()}
 
 
-def decide(
-    plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None, dag_steps: int | None = None
-) -> str:
+def decide(plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None) -> str:
     """The branch of step ``step_index``: which task runs next, from the step's analysis XCom.
 
     ``advance`` goes to the next step's ``set_traffic`` (``promote`` after the last step only when the
@@ -174,18 +855,11 @@ def decide(
     (the analyze task only returns ``extend`` at the cap) and any verdict that does not fit the step
     (``advance`` at the last step, or an unknown decision) follow the spec's ``on_inconclusive``.
 
-    The trigger params may shorten the steps (never lengthen them): the DAG then has ``dag_steps`` step
-    groups but the run's last step is ``len(plan["spec"]["steps"])``, and promotion goes through that
-    step's ``to_promote`` gate.
-
-    :returns: the task id to follow: ``step_<i+1>.set_traffic``, ``promote``, or a per-step gate
-        ``step_<i>.to_promote`` / ``step_<i>.to_rollback`` / ``step_<i>.to_pause`` in front of the shared
-        ``promote``, ``rollback`` and ``pause`` tasks (a branch may only skip its direct downstream tasks,
-        so every step reaches the shared tasks through its own gate).
+    :returns: the task id to follow: ``step_<i+1>.set_traffic``, ``promote``, ``step_<i>.to_rollback`` or
+        ``step_<i>.to_pause`` (the per-step gates in front of the shared ``rollback`` and ``pause`` tasks).
     """
     steps = plan["spec"]["steps"]
     n = len(steps)
-    dag_steps = n if dag_steps is None else dag_steps
     if not 1 <= step_index <= n:
         raise ValueError(f"step_index={step_index} is outside 1..{n}: the plan has {n} steps")
     verdict = (analysis or {}).get("verdict") or {}
@@ -195,7 +869,7 @@ def decide(
     if decision == "rollback":
         return f"{group}.to_rollback"
     if decision == "promote" and last:
-        return "promote" if step_index == dag_steps else f"{group}.to_promote"
+        return "promote"
     if decision in ("advance", "promote") and not last:
         return f"step_{step_index + 1}.set_traffic"
     inconclusive = plan["spec"].get("on_inconclusive", "rollback")
@@ -211,40 +885,276 @@ def latest_analysis(analyses: list[dict[str, Any] | None]) -> dict[str, Any] | N
     return None
 
 
+# --------------------------------------------------------------------------------------------------------
+# Endings
+
+
+def _unwrap_verdict(verdict: dict[str, Any] | None) -> dict[str, Any]:
+    if verdict and "verdict" in verdict and isinstance(verdict["verdict"], dict):
+        return verdict["verdict"]
+    return verdict or {}
+
+
+def root_cause(verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """What made the verdict: failing metrics with numbers, data-quality failures, top drifting features,
+    worst segments (the steps where the canary did worst), from a ``Verdict.to_dict()``."""
+    v = _unwrap_verdict(verdict)
+    failing = []
+    for m in v.get("metrics") or []:
+        tripped = bool((m.get("breaker") or {}).get("tripped"))
+        if m.get("harm") or tripped:
+            failing.append({
+                "metric": m.get("name"), "stable": m.get("stable"), "canary": m.get("canary"),
+                "difference": m.get("diff"), "interval": m.get("interval"), "z_harm": m.get("z_harm"),
+                "boundary": m.get("b_rollback"), "samples": m.get("samples"),
+                "circuit_breaker": tripped,
+            })
+    dq = v.get("data_quality") or {}
+    drift = v.get("drift") or {}
+    drifting = drift.get("features") or drift.get("results") or []
+    if isinstance(drifting, dict):
+        drifting = [{"feature": k, **(val if isinstance(val, dict) else {"value": val})} for k, val in drifting.items()]
+    drifting = sorted([d for d in drifting if isinstance(d, dict)],
+                      key=lambda d: -float(d.get("psi") or d.get("score") or 0.0))[:5]
+    return {
+        "decision": v.get("decision"),
+        "reason": v.get("reason"),
+        "failing_metrics": failing,
+        "data_quality_failures": list(dq.get("failures") or []) if dq and not dq.get("success", True) else [],
+        "top_drifting_features": drifting,
+        "srm": {k: (v.get("srm") or {}).get(k) for k in ("p_value", "mismatch")} if v.get("srm") else None,
+        "worst_segments": _worst_segments(v),
+    }
+
+
+def _worst_segments(v: dict[str, Any]) -> list[dict[str, Any]]:
+    segments = []
+    for m in v.get("metrics") or []:
+        for seg in m.get("segments") or []:
+            segments.append({"metric": m.get("name"), **seg})
+    return sorted(segments, key=lambda s: -float(s.get("diff") or 0.0))[:5]
+
+
+def root_cause_text(rc: dict[str, Any]) -> str:
+    """The root cause as readable lines."""
+    lines = [f"root cause: {rc.get('reason') or 'no verdict'}"]
+    for f in rc["failing_metrics"]:
+        lines.append(f"  metric {f['metric']}: canary {f['canary']} vs stable {f['stable']}, difference "
+                     f"{f['difference']} (z {f['z_harm']} vs boundary {f['boundary']}, samples {f['samples']})"
+                     + (" [circuit breaker]" if f["circuit_breaker"] else ""))
+    for f in rc["data_quality_failures"]:
+        lines.append(f"  data quality: {f}")
+    for d in rc["top_drifting_features"]:
+        lines.append(f"  drifting feature: {d}")
+    for s in rc["worst_segments"]:
+        lines.append(f"  segment: {s}")
+    return "\n".join(lines)
+
+
+def _to_zero(plan: dict[str, Any], candidate: str | None, why: str) -> tuple[dict[str, Any] | None, bool]:
+    """Canary share to 0 % (canary cleared) when the route's canary is ``candidate``; compare-and-set.
+
+    :returns: ``(route after, changed)``. A route whose canary is some other version is left alone.
+    """
+    from canary.hooks.errors import RouteConflictError
+
+    router = _router(plan)
+    model = _model(plan)
+    for _ in range(3):
+        route = router.get_route(model)
+        if route.canary_percent <= 0 and route.mode == "split":
+            return route.to_dict(), False
+        if candidate and route.canary and route.canary != candidate:
+            _log("route of %s carries canary %s, not this run's %s: left alone", model, route.canary, candidate)
+            return route.to_dict(), False
+        try:
+            after = router.set_route(model, stable=route.stable, canary=None, canary_percent=0, mode="split",
+                                     if_generation=route.generation)
+        except RouteConflictError:
+            continue  # the lease expired or a renewal raced us: read again
+        _log("%s: canary of %s set to 0%% (was %s at %g%%)", why, model, route.canary, route.canary_percent)
+        return after.to_dict(), True
+    route = router.get_route(model)
+    return route.to_dict(), False
+
+
+def _payload(plan: dict[str, Any], pre: dict[str, Any] | None, decision: str, reason: str,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    pre = pre or {}
+    return {"model": _model(plan), "candidate": pre.get("candidate") or plan.get("candidate"),
+            "stable": pre.get("stable"), "decision": decision, "reason": reason, "run_id": plan.get("run_id"),
+            "report_path": None, **(extra or {})}
+
+
+def _notify(plan: dict[str, Any], event: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        from canary.notify import notify
+    except ImportError:
+        return []
+    try:
+        results = notify(event, payload, _spec(plan).get("notifications") or {})
+    except Exception as exc:  # noqa: BLE001 - a notification never changes the outcome of the run
+        _log("notification %s failed: %s", event, exc)
+        return [{"channel": "all", "ok": False, "detail": str(exc)}]
+    out = []
+    for r in results:
+        out.append(r.to_dict() if hasattr(r, "to_dict") else dict(getattr(r, "__dict__", {}) or {"result": str(r)}))
+    return out
+
+
 def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] | None) -> dict[str, Any]:
     """Canary to 0 % (compare-and-set), root-cause record, notify; then raise ``AirflowFailException``
     with the verdict's reason so the run ends failed and says why."""
-    raise NotImplementedError("rollback arrives with issue 5: it needs TrafficRouterHook and canary.notify")
+    v = _unwrap_verdict(verdict)
+    route, changed = _to_zero(plan, pre.get("candidate"), "rollback")
+    rc = root_cause(v)
+    reason = v.get("reason") or "inconclusive at the cap (on_inconclusive: rollback)"
+    text = root_cause_text(rc)
+    _log("rollback of %s %s:\n%s", _model(plan), pre.get("candidate"), text)
+    notes = _notify(plan, "rollback", _payload(plan, pre, "rollback", reason))
+    _push("rollback", {"route": route, "changed": changed, "root_cause": rc, "reason": reason,
+                       "notifications": notes})
+    raise _fail(f"rolled back {_model(plan)} {pre.get('candidate')} (canary at 0 %, stable {pre.get('stable')}): "
+                f"{reason}")
 
 
 def pause(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] | None) -> dict[str, Any]:
     """``on_inconclusive: pause`` at the cap: keep the current share under its lease (the gateway returns
     traffic to stable when the lease runs out), notify the owners with the evidence, promote nothing."""
-    raise NotImplementedError("pause arrives with issue 5: it needs TrafficRouterHook and canary.notify")
+    v = _unwrap_verdict(verdict)
+    route = _router(plan).get_route(_model(plan)).to_dict()
+    reason = f"paused at the cap, inconclusive: {v.get('reason')}"
+    _log("%s; route %s (the lease returns traffic to stable at %s unless renewed)", reason, route,
+         route.get("lease_expires_at"))
+    notes = _notify(plan, "failure", _payload(plan, pre, "pause", reason))
+    return {"route": route, "reason": reason, "notifications": notes}
 
 
-def promote(plan: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
+def promote(plan: dict[str, Any], pre: dict[str, Any], last_route: dict[str, Any] | None = None) -> dict[str, Any]:
     """stable := candidate at 100 %, canary cleared, registry stage ``production``; the task emits the
     outlet Asset ``canary://<model>/promoted``.
 
+    :param last_route: the last ``set_traffic`` XCom (optional): its generation must still be current.
     :returns: ``{"route", "promoted_at", "stable", "previous_stable"}``.
     """
-    raise NotImplementedError("promote arrives with issue 5: it needs TrafficRouterHook and the registry")
+    model, candidate, stable = _model(plan), pre["candidate"], pre["stable"]
+    router = _router(plan)
+    route = router.get_route(model)
+    if last_route and "route" in last_route:
+        last_route = last_route["route"]
+    if route.stable == candidate and not (route.canary_percent > 0):
+        note = "already promoted (this task's earlier attempt)"
+    else:
+        expected = int(last_route["generation"]) if last_route else route.generation
+        if route.generation != expected or route.canary != candidate or route.stable != stable:
+            raise _fail(
+                f"promote: the route of {model} is not what this run last wrote (expected generation {expected}, "
+                f"stable {stable} canary {candidate}); found generation {route.generation}: stable={route.stable} "
+                f"canary={route.canary} at {route.canary_percent:g}%. Not promoting."
+            )
+        route = router.set_route(model, stable=candidate, canary=None, canary_percent=0, mode="split",
+                                 if_generation=route.generation)
+        note = f"stable is now {candidate} (was {stable})"
+    router.set_stage(model, candidate, "production")
+    _log("promote %s: %s; registry stage production; route %s", model, note, route.to_dict())
+    notes = _notify(plan, "promotion", _payload(plan, pre, "promote", note))
+    return {"route": route.to_dict(), "promoted_at": route.updated_at, "stable": candidate,
+            "previous_stable": stable, "notifications": notes}
 
 
 def drift_check(plan: dict[str, Any], pre: dict[str, Any], post: dict[str, Any] | None) -> dict[str, Any]:
     """Drift of the new stable's inputs and scores over the post-deployment window against the
     pre-rollout reference window (PSI with a sample-size-calibrated threshold, JS, KS)."""
-    raise NotImplementedError("drift_check arrives with issue 5: it needs PredictionLogHook and issue 4")
+    from canary.hooks.timeutil import parse_ts
+
+    if not post or not post.get("window"):
+        raise ValueError("drift_check needs the post_deploy_hold XCom with its 'window' [start, end]")
+    spec_drift = _spec(plan).get("drift") or {}
+    n = int(spec_drift.get("sample_size", 20000))
+    ref_start, ref_end = (parse_ts(t) for t in pre["baseline"]["reference_window"])
+    cur_start, cur_end = (parse_ts(t) for t in post["window"])
+    reference = _feature_frames(plan, pre, ref_start, ref_end, {"stable": pre["stable"]}, n)
+    current = _feature_frames(plan, pre, cur_start, cur_end, {"stable": pre["candidate"]}, n)
+    from canary.analysis import drift
+
+    features = _drift_features(plan, pre, reference if len(reference) else current)
+    result = drift.compare_windows(reference, current, features, bins=int(spec_drift.get("bins", 10)),
+                                   psi_floor=float(spec_drift.get("psi_floor", 0.1)))
+    _log("drift of %s %s after promotion vs the pre-rollout reference (%d vs %d rows): %s", _model(plan),
+         pre["candidate"], len(reference), len(current), result)
+    return {"reference_window": pre["baseline"]["reference_window"], "window": post["window"],
+            "reference_rows": int(len(reference)), "current_rows": int(len(current)), **_plain(result)}
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (numpy scalars, tuples, dataclasses)."""
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else (
+        o.to_dict() if hasattr(o, "to_dict") else str(o))))
+
+
+def report_dir() -> Path:
+    """Where HTML reports go: ``$CANARY_REPORT_DIR`` or ``reports/`` next to ``plugins/``."""
+    env = os.environ.get("CANARY_REPORT_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "reports"
 
 
 def report(plan: dict[str, Any] | None, **upstream: Any) -> dict[str, Any]:
     """The final HTML report of the run (trigger rule ``all_done``: runs after success, rollback or
     failure). ``upstream`` holds whatever XComs exist (``pre``, ``analyses``, ``promoted``, ``drift``).
 
+    Missing pieces are pulled from the running task's XComs (``steps``, ``holds``, ``rollback``).
+
     :returns: ``{"path": <path of the HTML report>}``.
     """
-    raise NotImplementedError("report arrives with issue 5: it needs canary.report")
+    from canary.report import build_run, write_report
+
+    plan = plan or {}
+    pre = upstream.get("pre") or _xcom("preflight")
+    n = len((plan.get("spec") or {}).get("steps") or [])
+    steps = upstream.get("steps") or [_xcom(f"step_{i}.set_traffic") for i in range(1, n + 1)]
+    holds = upstream.get("holds") or [_xcom(f"step_{i}.hold") for i in range(1, n + 1)]
+    analyses = upstream.get("analyses") or [_xcom(f"step_{i}.analyze") for i in range(1, n + 1)]
+    promoted = upstream.get("promoted") or _xcom("promote")
+    drift = upstream.get("drift") or _xcom("drift_check")
+    rolled = upstream.get("rollback") or _xcom("rollback", key="rollback")
+    failed = upstream.get("fail_safe") or _xcom("fail_safe", key="fail_safe")
+    paused = upstream.get("paused") or _xcom("pause")
+    merged = []
+    for st, hold in zip(steps, holds, strict=False):
+        merged.append({**st, **({"look_at": hold.get("look_at")} if hold else {})} if st else None)
+    if promoted:
+        outcome, reason, final = "promoted", f"{pre and pre.get('candidate')} promoted to stable", 100.0
+    elif rolled:
+        outcome, reason, final = "rolled_back", rolled.get("reason"), 0.0
+    elif paused:
+        outcome, reason, final = "paused", paused.get("reason"), None
+    elif failed or upstream.get("failed"):
+        outcome, reason, final = "failed", (failed or {}).get("reason") or "a task failed", 0.0
+    elif not pre and plan:
+        outcome, reason, final = "skipped", "pre-flight did not pass (see its log)", None
+    else:
+        outcome, reason, final = "failed", "the run did not reach a decision", None
+    run = build_run(plan, pre, steps=merged, analyses=analyses, outcome=outcome, reason=reason,
+                    final_percent=final, root_cause=(rolled or {}).get("root_cause"), drift=drift,
+                    notifications=(rolled or {}).get("notifications") or (promoted or {}).get("notifications"))
+    path = write_report(run, report_dir())
+    _log("report of this run: %s", path)
+    return {"path": str(path), "outcome": outcome}
+
+
+def _plan_or_spec(plan: dict[str, Any] | None, spec_path: str | None) -> dict[str, Any] | None:
+    if plan:
+        return plan
+    if not spec_path:
+        return None
+    try:
+        from canary.spec import load_spec
+
+        return {"spec": load_spec(spec_path).to_dict(), "candidate": None, "run_id": None}
+    except Exception:  # noqa: BLE001 - an unreadable spec: nothing this run could have changed
+        return None
 
 
 def fail_safe(
@@ -256,9 +1166,49 @@ def fail_safe(
     ``plan`` is ``None`` when ``validate`` itself failed (then no traffic was moved by this run, but the
     spec at ``spec_path`` still names the model and the router connection).
 
-    The ``fail_safe`` task of the factory raises ``AirflowFailException`` after this returns, so the run
-    (whose leaf tasks are ``report`` and ``fail_safe``) ends failed rather than green.
+    Only the canary this run put on the route is taken off: a run refused in pre-flight (another rollout is
+    active) never set traffic, so it leaves the other rollout's route alone.
 
     :returns: ``{"route": <route after the change or None>, "reached_gateway": bool, "reason"}``.
     """
-    raise NotImplementedError("fail_safe arrives with issue 5: it needs TrafficRouterHook")
+    from canary.hooks.errors import GatewayError
+
+    reason = reason or "a task of the run failed"
+    plan = _plan_or_spec(plan, spec_path)
+    if plan is None:
+        out = {"route": None, "reached_gateway": False, "changed": False,
+               "reason": f"{reason}; no plan and no readable spec: this run moved no traffic"}
+        _push("fail_safe", out)
+        return out
+    pre = _xcom("preflight") or {}
+    candidate = pre.get("candidate") or plan.get("candidate")
+    if _context() is not None:
+        n = len(_spec(plan).get("steps") or [])
+        # set_traffic records its intent before it writes the route: no intent, no traffic moved by this run.
+        touched = any(_xcom(f"step_{i}.set_traffic") or _xcom(f"step_{i}.set_traffic", key="intent")
+                      for i in range(1, n + 1))
+        if not touched:
+            out = {"route": None, "reached_gateway": False, "changed": False,
+                   "reason": f"{reason}; this run never set traffic, the route is left as it is"}
+            _log("fail-safe: %s", out["reason"])
+            _push("fail_safe", out)
+            return out
+    if not candidate:
+        out = {"route": None, "reached_gateway": False, "changed": False,
+               "reason": f"{reason}; no candidate was chosen, so this run moved no traffic"}
+        _push("fail_safe", out)
+        return out
+    try:
+        route, changed = _to_zero(plan, candidate, "fail-safe")
+    except GatewayError as exc:
+        out = {"route": None, "reached_gateway": False, "changed": False,
+               "reason": f"{reason}; the gateway did not answer ({exc}): its lease returns traffic to stable"}
+        _log("fail-safe: %s", out["reason"])
+        _push("fail_safe", out)
+        return out
+    out = {"route": route, "reached_gateway": True, "changed": changed, "reason": reason}
+    _log("fail-safe: %s; route %s", "canary set to 0 %" if changed else "route already safe", route)
+    _notify(plan, "failure", _payload(plan, pre, "fail_safe", reason))
+    _push("fail_safe", out)
+    return out
+

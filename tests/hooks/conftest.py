@@ -45,3 +45,38 @@ def pg_database() -> Iterator[sa.engine.URL]:
             ), {"n": name})
             db.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory: pytest.TempPathFactory):
+    """The demo model directory, trained once per session (a few seconds)."""
+    from demo_models.train import train_all
+
+    out = tmp_path_factory.mktemp("models")
+    train_all(out, rows=10_000, log=lambda _msg: None)
+    return out
+
+
+@pytest.fixture
+def gateway(trained_models, tmp_path):
+    """The real gateway on a free loopback port, a private copy of the models, a fresh SQLite log."""
+    import shutil
+
+    from gateway.testing import run_gateway
+
+    models = tmp_path / "models"
+    shutil.copytree(trained_models, models)
+    with run_gateway(models, f"sqlite:///{tmp_path / 'log.db'}", token="hook-test-token-123") as gw:
+        gw.model_dir = models
+        yield gw
+
+
+@pytest.fixture
+def router_conn(gateway, set_conn):
+    """An Airflow connection `canary_test_gw` for the gateway (the token as the password)."""
+    from urllib.parse import urlparse
+
+    u = urlparse(gateway.url)
+    set_conn("canary_test_gw", conn_type="http", host=u.hostname, port=u.port, password=gateway.token,
+             extra={"timeout": 5, "max_retries": 2, "backoff": 0.05})
+    return "canary_test_gw"

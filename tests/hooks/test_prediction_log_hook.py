@@ -38,7 +38,7 @@ def _fill(engine: sa.Engine) -> None:
         ts = (T0 + timedelta(seconds=i)).replace(tzinfo=None)
         rows.append(dict(request_id=f"r{i}", ts=ts, model="fraud", version=version, arm=arm, unit_id=str(i),
                          features=json.dumps({"x": i}), prediction=1.0, score=0.5, latency_ms=10.0,
-                         status="ok", error=None))
+                         status="error" if i % 10 == 3 else "ok", error=None))
         if i % 2 == 0:
             fb.append(dict(request_id=f"r{i}", ts=ts + timedelta(seconds=30), label=1.0, correction=None,
                            source="test"))
@@ -54,7 +54,8 @@ def _fill(engine: sa.Engine) -> None:
 
 def _check_counts(hook: PredictionLogHook) -> None:
     counts = hook.arm_counts("fraud", stable="v1", canary="v2", start=T0, end=T0 + timedelta(seconds=30))
-    assert counts == {"stable": {"requests": 20, "labelled": 0}, "canary": {"requests": 10, "labelled": 0}}
+    assert counts == {"stable": {"requests": 20, "errors": 2, "labelled": 0},
+                      "canary": {"requests": 10, "errors": 1, "labelled": 0}}
     # Window is [start, end): the row at exactly `end` is not in, the one at `start` is.
     counts = hook.arm_counts("fraud", stable="v1", canary="v2", start=T0 + timedelta(seconds=5),
                              end=T0 + timedelta(seconds=25))
@@ -64,8 +65,8 @@ def _check_counts(hook: PredictionLogHook) -> None:
     end = T0 + timedelta(seconds=60)
     counts = hook.arm_counts("fraud", stable="v1", canary="v2", start=T0, end=end,
                              label_cutoff=end - timedelta(seconds=45))
-    assert counts["stable"] == {"requests": 20, "labelled": 8}
-    assert counts["canary"] == {"requests": 10, "labelled": 0}
+    assert counts["stable"] == {"requests": 20, "errors": 2, "labelled": 8}
+    assert counts["canary"] == {"requests": 10, "errors": 1, "labelled": 0}
     # A label that arrives after the look time does not count, even for an old prediction.
     end = T0 + timedelta(seconds=40)
     counts = hook.arm_counts("fraud", stable="v1", canary="v2", start=T0, end=end, label_cutoff=end)
@@ -119,3 +120,23 @@ def test_bad_connections_say_what_to_fix(set_conn, fields, needle):
     set_conn("canary_test_bad", **fields)
     with pytest.raises(PredictionLogError, match=needle):
         PredictionLogHook("canary_test_bad").get_sqlalchemy_engine()
+
+
+def test_window_rows_sample_labels_and_features(tmp_path, set_conn):
+    set_conn("canary_test_rows", conn_type="sqlite", host=str(tmp_path / "rows.db"))
+    hook = PredictionLogHook("canary_test_rows")
+    _fill(hook.engine)
+    end = T0 + timedelta(seconds=35)
+    rows = hook.window_rows("fraud", start=T0, end=end, versions={"stable": "v1", "canary": "v2"},
+                            with_labels=True, with_features=True)
+    assert len(rows) == 30  # the other model and the shadow arm are left out
+    assert rows[0]["request_id"] == "r29" and rows[-1]["request_id"] == "r0"  # newest first
+    by_id = {r["request_id"]: r for r in rows}
+    assert by_id["r0"]["label"] == 1.0 and by_id["r4"]["label"] == 1.0  # arrived at T0+30s, T0+34s < end
+    assert by_id["r6"]["label"] is None  # its label arrives at T0+36s, after end
+    assert by_id["r1"]["label"] is None  # never labelled
+    assert json.loads(by_id["r7"]["features"]) == {"x": 7}
+    assert isinstance(by_id["r7"]["ts"], datetime)
+    assert len(hook.window_rows("fraud", start=T0, end=end, limit=5)) == 5
+    only_canary = hook.window_rows("fraud", start=T0, end=end, versions={"canary": "v2"})
+    assert {r["arm"] for r in only_canary} == {"canary"} and len(only_canary) == 10

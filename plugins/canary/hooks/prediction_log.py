@@ -152,7 +152,7 @@ class PredictionLogHook(BaseHook):
 
         :param label_cutoff: only predictions made before this time count as matured labelled samples
             (``end - label_delay``); None skips the label count.
-        :return: ``{"stable": {"requests": n, "labelled": m}, "canary": {...}}``.
+        :return: ``{"stable": {"requests": n, "errors": e, "labelled": m}, "canary": {...}}``.
         """
         params = {
             "model": model,
@@ -163,13 +163,14 @@ class PredictionLogHook(BaseHook):
         }
         arms = "((p.arm = 'stable' AND p.version = :stable) OR (p.arm = 'canary' AND p.version = :canary))"
         requests_sql = sa.text(
-            f"SELECT p.arm, COUNT(*) FROM predictions p WHERE p.model = :model AND {arms} "
-            "AND p.ts >= :start AND p.ts < :end GROUP BY p.arm"
+            "SELECT p.arm, COUNT(*), SUM(CASE WHEN p.status = 'error' THEN 1 ELSE 0 END) FROM predictions p "
+            f"WHERE p.model = :model AND {arms} AND p.ts >= :start AND p.ts < :end GROUP BY p.arm"
         ).bindparams(sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime()))
-        out = {arm: {"requests": 0, "labelled": 0} for arm in ("stable", "canary")}
+        out = {arm: {"requests": 0, "errors": 0, "labelled": 0} for arm in ("stable", "canary")}
         with self.engine.connect() as db:
-            for arm, n in db.execute(requests_sql, params):
+            for arm, n, errors in db.execute(requests_sql, params):
                 out[str(arm)]["requests"] = int(n)
+                out[str(arm)]["errors"] = int(errors or 0)
             if label_cutoff is not None:
                 cutoff = min(to_naive_utc(label_cutoff), params["end"])
                 label_sql = sa.text(
@@ -199,6 +200,52 @@ class PredictionLogHook(BaseHook):
                 ).scalar_one()
             )
 
+
+    def window_rows(
+        self,
+        model: str,
+        *,
+        start: datetime,
+        end: datetime,
+        versions: dict[str, str] | None = None,
+        with_labels: bool = False,
+        with_features: bool = False,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Logged requests of ``model`` in ``[start, end)``, newest first (a bounded sample with ``limit``).
+
+        :param versions: ``{arm: version}`` to keep, e.g. ``{"stable": "v1", "canary": "v2"}``; None keeps
+            every arm and version.
+        :param with_labels: add ``label`` (the first feedback that arrived before ``end``, else None).
+        :param with_features: add ``features`` (the JSON text as logged).
+        :param limit: most rows returned (the newest ones).
+        """
+        params: dict[str, Any] = {"model": model, "start": to_naive_utc(start), "end": to_naive_utc(end)}
+        where = ["p.model = :model", "p.ts >= :start", "p.ts < :end"]
+        if versions:
+            ors = []
+            for k, (arm, version) in enumerate(sorted(versions.items())):
+                params[f"arm{k}"], params[f"ver{k}"] = arm, version
+                ors.append(f"(p.arm = :arm{k} AND p.version = :ver{k})")
+            where.append("(" + " OR ".join(ors) + ")")
+        cols = ["p.request_id", "p.ts", "p.version", "p.arm", "p.unit_id", "p.prediction", "p.score",
+                "p.latency_ms", "p.status"]
+        if with_features:
+            cols.append("p.features")
+        if with_labels:
+            cols.append(
+                "(SELECT f.label FROM feedback f WHERE f.request_id = p.request_id AND f.ts < :end "
+                "ORDER BY f.ts LIMIT 1) AS label"
+            )
+        sql = f"SELECT {', '.join(cols)} FROM predictions p WHERE {' AND '.join(where)} ORDER BY p.ts DESC"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = int(limit)
+        stmt = sa.text(sql).bindparams(
+            sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime())
+        ).columns(ts=sa.DateTime())
+        with self.engine.connect() as db:
+            return [dict(row._mapping) for row in db.execute(stmt, params)]
 
 def _mask(secret: str) -> None:
     try:

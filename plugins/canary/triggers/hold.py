@@ -84,7 +84,7 @@ def check_hold(
     if elapsed >= settings.max_wait_s:
         return HoldCheck(True, "max_wait", look_at, elapsed, counts)
     if settings.circuit_breaker:
-        fired = runtime.circuit_breaker(plan, pre, step_index=step_index, look_at=look_at)
+        fired = runtime.circuit_breaker(plan, counts)
         if fired:
             return HoldCheck(True, "circuit_breaker", look_at, elapsed, counts, breaker=fired)
     missing = []
