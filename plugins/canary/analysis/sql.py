@@ -1,0 +1,282 @@
+"""Aggregations inside the database for one look, the pre-rollout baseline and the hold sensor.
+
+Every function takes a SQLAlchemy ``Connection`` or ``Engine`` (the Airflow ``PredictionLogHook`` gives an
+engine via ``get_sqlalchemy_engine()``) and reads the Contract 2 tables ``predictions`` and ``feedback``.
+SQL is parameterized (values are bound, never formatted in); identifiers are fixed. The same queries run on
+SQLite and PostgreSQL and give identical numbers: only the minute-bucket expression differs by dialect.
+
+``windows`` are ``[(step_index, percent, start_ts, end_ts), ...]`` from the recorded ``step_started_at``
+and ``look_at`` (naive UTC datetimes): a row belongs to a step when ``start <= ts < end``.
+
+Rows are never all loaded: :func:`look_stats` returns one row per (arm, step, minute) with counts, sums
+and sums of squares per metric; :func:`sample_rows` returns at most ``limit`` rows (random order, drawn by
+the database) for data quality and drift.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import DateTime, bindparam, text
+
+from canary.analysis.policy import MetricPolicy, Policy
+from canary.analysis.stats import ArmStats, MetricCells
+
+Window = tuple[int, float, datetime, datetime]
+
+
+@contextmanager
+def _connect(bind: Any):
+    """Yield a Connection from an Engine or pass a Connection through (never closing the caller's)."""
+    if hasattr(bind, "connect") and not hasattr(bind, "execute"):
+        with bind.connect() as conn:
+            yield conn
+    else:
+        yield bind
+
+
+def _minute(dialect: str, col: str = "p.ts") -> str:
+    if dialect == "postgresql":
+        return f"CAST(FLOOR(EXTRACT(EPOCH FROM {col}) / 60) AS BIGINT)"
+    if dialect == "sqlite":
+        return f"(CAST(strftime('%s', {col}) AS INTEGER) / 60)"
+    raise ValueError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
+
+
+def _nan_check(dialect: str, col: str) -> str:
+    return f"({col} IS NULL OR {col} = 'NaN'::float8)" if dialect == "postgresql" else f"({col} IS NULL)"
+
+
+def _value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any], thresholds: dict[str, float]) -> str:
+    """SQL expression of the per-request value of metric ``m`` (NULL when not observable)."""
+    s = m.source
+    if m.kind == "latency_threshold":
+        thr = m.threshold if isinstance(m.threshold, int | float) else thresholds.get(m.name)
+        if thr is None:
+            raise ValueError(f"metric {m.name!r} has threshold 'baseline_p95' but no baseline was given: pass "
+                             "thresholds={name: ms} (from canary.analysis.sql.baseline) to look_stats")
+        params[f"thr{i}"] = float(thr)
+        return f"CASE WHEN p.latency_ms > :thr{i} THEN 1.0 ELSE 0.0 END"
+    if s == "error":
+        return "CASE WHEN p.status = 'error' THEN 1.0 ELSE 0.0 END"
+    if s == "latency_ms":
+        return "p.latency_ms"
+    if s == "score":
+        return "p.score"
+    if s == "prediction":
+        return "p.prediction"
+    if s == "null_score":
+        return f"CASE WHEN p.status = 'ok' AND {_nan_check(dialect, 'p.score')} THEN 1.0 WHEN p.status = 'ok' THEN 0.0 END"
+    label = {
+        "label": "f.label",
+        "mismatch": "CASE WHEN p.prediction <> f.label THEN 1.0 ELSE 0.0 END",
+        "abs_error": "ABS(p.prediction - f.label)",
+        "squared_error": "(p.prediction - f.label) * (p.prediction - f.label)",
+    }[s]
+    need_pred = "" if s == "label" else " AND p.prediction IS NOT NULL"
+    return (f"CASE WHEN p.ts < :elig{i} AND f.label IS NOT NULL AND p.status = 'ok'{need_pred} "
+            f"THEN {label} END")
+
+
+def _windows_sql(windows: list[Window], params: dict[str, Any]) -> tuple[str, str, list[str]]:
+    cases, conds, names = [], [], []
+    for j, (step, _pct, start, end) in enumerate(windows):
+        params[f"ws{j}"], params[f"we{j}"] = start, end
+        names += [f"ws{j}", f"we{j}"]
+        cases.append(f"WHEN p.ts >= :ws{j} AND p.ts < :we{j} THEN {int(step)}")
+        conds.append(f"(p.ts >= :ws{j} AND p.ts < :we{j})")
+    return "CASE " + " ".join(cases) + " END", "(" + " OR ".join(conds) + ")", names
+
+
+def _check_windows(windows: list[Window]) -> list[Window]:
+    out = []
+    for w in windows:
+        if len(w) != 4:
+            raise ValueError(f"window {w!r} must be (step_index, percent, start_ts, end_ts)")
+        step, pct, start, end = w
+        if not isinstance(start, datetime) or not isinstance(end, datetime) or end < start:
+            raise ValueError(f"window {w!r}: start and end must be naive UTC datetimes with start <= end")
+        out.append((int(step), float(pct), start.replace(tzinfo=None), end.replace(tzinfo=None)))
+    if not out:
+        raise ValueError("windows is empty: pass one (step_index, percent, start, end) per step so far")
+    return out
+
+
+def _run(conn: Any, sql: str, params: dict[str, Any], datetimes: list[str]):
+    import re
+
+    used = set(re.findall(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)", sql))
+    stmt = text(sql).bindparams(*[bindparam(n, type_=DateTime()) for n in datetimes if n in used])
+    return conn.execute(stmt, {k: v for k, v in params.items() if k in used}).fetchall()
+
+
+def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, look_at: datetime,
+               thresholds: dict[str, float] | None = None) -> ArmStats:
+    """Sufficient statistics of every metric for one look, grouped in the database by arm, step, minute.
+
+    Label metrics join the latest feedback received by ``look_at`` and count only predictions older than
+    ``look_at - label_delay`` (both arms alike); their eligible and labelled counts per arm feed the
+    labelled-share check. ``thresholds`` gives the milliseconds for ``baseline_p95`` latency metrics.
+    """
+    windows = _check_windows(windows)
+    thresholds = dict(thresholds or {})
+    look_at = look_at.replace(tzinfo=None)
+    with _connect(bind) as conn:
+        dialect = conn.dialect.name
+        params: dict[str, Any] = {"model": model, "look_at": look_at}
+        dts = ["look_at"]
+        step_case, where_win, wnames = _windows_sql(windows, params)
+        dts += wnames
+        cols, aggs = [], []
+        has_labels = False
+        for i, m in enumerate(policy.metrics):
+            cols.append(f"{_value_sql(m, i, dialect, params, thresholds)} AS v{i}")
+            aggs.append(f"COUNT(v{i}), SUM(v{i}), SUM(v{i} * v{i})")
+            if m.needs_labels:
+                has_labels = True
+                params[f"elig{i}"] = look_at - timedelta(seconds=m.label_delay_s)
+                dts.append(f"elig{i}")
+                need_pred = "" if m.source == "label" else " AND p.prediction IS NOT NULL"
+                cols.append(f"CASE WHEN p.ts < :elig{i} AND p.status = 'ok'{need_pred} THEN 1 ELSE 0 END AS e{i}")
+                aggs.append(f"SUM(e{i})")
+        join = ""
+        if has_labels:
+            join = ("LEFT JOIN (SELECT request_id, label FROM (SELECT request_id, label, ROW_NUMBER() OVER "
+                    "(PARTITION BY request_id ORDER BY ts DESC) AS rn FROM feedback WHERE ts <= :look_at) fl "
+                    "WHERE rn = 1) f ON f.request_id = p.request_id")
+        sql = (f"SELECT arm, step, minute, COUNT(*), {', '.join(aggs)} FROM ("
+               f"SELECT p.arm AS arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(cols)} "
+               f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
+               f"AND {where_win}) x GROUP BY arm, step, minute ORDER BY arm, step, minute")
+        rows = _run(conn, sql, params, dts)
+        usql = (f"SELECT p.arm, {step_case} AS step, COUNT(DISTINCT p.unit_id) FROM predictions p "
+                f"WHERE p.model = :model AND p.arm IN ('stable', 'canary') AND {where_win} GROUP BY 1, 2")
+        units = {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, dts)}
+    arr = np.array([[0 if r[0] == "stable" else 1, r[1], r[2], *[0 if v is None else v for v in r[3:]]]
+                    for r in rows], dtype=float).reshape(len(rows), -1) if rows else None
+    metrics: dict[str, MetricCells] = {}
+    labels: dict[str, dict[str, dict[str, int]]] = {}
+    col = 4
+    for m in policy.metrics:
+        if arr is None:
+            metrics[m.name] = MetricCells.from_arrays([], [], [], [], [], [])
+        else:
+            keep = arr[:, col] > 0
+            a = arr[keep]
+            metrics[m.name] = MetricCells.from_arrays(a[:, 0] == 1, a[:, 1], a[:, 2], a[:, col], a[:, col + 1],
+                                                      a[:, col + 2])
+        col += 3
+        if m.needs_labels:
+            lab = {}
+            for k, arm in enumerate(("stable", "canary")):
+                sel = arr[arr[:, 0] == k] if arr is not None else np.zeros((0, col + 1))
+                lab[arm] = {"eligible": int(sel[:, col].sum()), "labelled": int(sel[:, col - 3].sum())}
+            labels[m.name] = lab
+            col += 1
+    pct = {w[0]: w[1] for w in windows}
+    traffic = []
+    if arr is not None:
+        for step in sorted({int(s) for s in arr[:, 1]}):
+            for k, arm in enumerate(("stable", "canary")):
+                sel = (arr[:, 0] == k) & (arr[:, 1] == step)
+                traffic.append({"step": step, "arm": arm, "requests": int(arr[sel, 3].sum()),
+                                "units": units.get((arm, step), 0), "percent": pct.get(step)})
+    return ArmStats(metrics=metrics, traffic=traffic, labels=labels, thresholds=thresholds)
+
+
+def baseline(bind: Any, model: str, start: datetime, end: datetime, policy: Policy | None = None,
+             quantile: float = 0.95) -> dict[str, Any]:
+    """Stable's numbers over a reference window before the rollout: latency quantile (nearest rank, the
+    same on every database), request count and, per non-label metric, its mean (base rate)."""
+    start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    with _connect(bind) as conn:
+        dialect = conn.dialect.name
+        params: dict[str, Any] = {"model": model, "s": start, "e": end}
+        dts = ["s", "e"]
+        where = "p.model = :model AND p.arm = 'stable' AND p.ts >= :s AND p.ts < :e"
+        n = _run(conn, f"SELECT COUNT(*) FROM predictions p WHERE {where}", params, dts)[0][0]
+        out: dict[str, Any] = {"window": [start.isoformat(), end.isoformat()], "requests": int(n),
+                               "latency_p95": None, "rates": {}}
+        if not n:
+            return out
+        k = max(int(np.ceil(quantile * n)) - 1, 0)
+        q = _run(conn, f"SELECT p.latency_ms FROM predictions p WHERE {where} ORDER BY p.latency_ms "
+                       "LIMIT 1 OFFSET :k", {**params, "k": k}, dts)
+        out["latency_p95"] = float(q[0][0])
+        if policy is not None:
+            thr = {m.name: out["latency_p95"] for m in policy.metrics if m.threshold == "baseline_p95"}
+            for i, m in enumerate(policy.metrics):
+                if m.needs_labels:
+                    continue
+                p2: dict[str, Any] = dict(params)
+                expr = _value_sql(m, i, dialect, p2, thr)
+                r = _run(conn, f"SELECT AVG({expr}) FROM predictions p WHERE {where}", p2, dts)
+                out["rates"][m.name] = None if r[0][0] is None else float(r[0][0])
+    return out
+
+
+def sample_rows(bind: Any, model: str, start: datetime, end: datetime, arm: str | None = None,
+                limit: int = 5000, arms: tuple[str, ...] = ("stable", "canary")) -> Any:
+    """At most ``limit`` random rows of one arm (or of ``arms``) in ``[start, end)`` as a DataFrame with
+    the features JSON expanded into columns (prefixed ``f_`` when a name clashes with a log column).
+
+    The database draws the sample (``ORDER BY random() LIMIT``), so only ``limit`` rows travel; the
+    scan itself reads the window once.
+    """
+    import pandas as pd
+
+    if limit <= 0:
+        raise ValueError(f"limit={limit!r}: the sample size must be a positive number of rows")
+    chosen = (arm,) if arm else arms
+    start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    with _connect(bind) as conn:
+        params: dict[str, Any] = {"model": model, "s": start, "e": end, "lim": int(limit)}
+        names = []
+        for i, a in enumerate(chosen):
+            params[f"a{i}"] = a
+            names.append(f":a{i}")
+        sql = ("SELECT request_id, ts, arm, version, unit_id, features, prediction, score, latency_ms, status "
+               f"FROM predictions p WHERE model = :model AND arm IN ({', '.join(names)}) AND ts >= :s AND ts < :e "
+               "ORDER BY random() LIMIT :lim")
+        rows = _run(conn, sql, params, ["s", "e"])
+    cols = ["request_id", "ts", "arm", "version", "unit_id", "features", "prediction", "score", "latency_ms",
+            "status"]
+    df = pd.DataFrame(rows, columns=cols)
+    feats = pd.DataFrame([json.loads(f) if f else {} for f in df["features"]], index=df.index)
+    feats.columns = [f"f_{c}" if c in cols else c for c in feats.columns]
+    return pd.concat([df.drop(columns=["features"]), feats], axis=1)
+
+
+def arm_counts(bind: Any, model: str, start: datetime, end: datetime) -> dict[str, dict[str, int]]:
+    """Requests and errors per arm in ``[start, end)``: cheap enough for the hold sensor's every poke."""
+    with _connect(bind) as conn:
+        rows = _run(conn, "SELECT arm, COUNT(*), SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) FROM predictions "
+                          "WHERE model = :model AND ts >= :s AND ts < :e GROUP BY arm",
+                    {"model": model, "s": start.replace(tzinfo=None), "e": end.replace(tzinfo=None)}, ["s", "e"])
+    return {r[0]: {"requests": int(r[1]), "errors": int(r[2] or 0)} for r in rows}
+
+
+def histogram(bind: Any, model: str, windows: list[Window], column: str, edges: list[float]) -> dict[str, list[int]]:
+    """Counts per arm of ``column`` (``score``, ``prediction`` or ``latency_ms``) in the bins cut by
+    ``edges`` (bin i holds edges[i-1] <= x < edges[i]; NULLs left out), computed in the database."""
+    if column not in ("score", "prediction", "latency_ms"):
+        raise ValueError(f"column={column!r}: histograms are computed for score, prediction or latency_ms")
+    windows = _check_windows(windows)
+    params: dict[str, Any] = {"model": model}
+    _, where_win, wnames = _windows_sql(windows, params)
+    parts = []
+    for i, e in enumerate(edges):
+        params[f"edge{i}"] = float(e)
+        parts.append(f"WHEN p.{column} < :edge{i} THEN {i}")
+    bin_sql = f"CASE {' '.join(parts)} ELSE {len(edges)} END"
+    with _connect(bind) as conn:
+        rows = _run(conn, f"SELECT p.arm, {bin_sql} AS b, COUNT(*) FROM predictions p WHERE p.model = :model AND "
+                          f"p.{column} IS NOT NULL AND {where_win} GROUP BY 1, 2", params, wnames)
+    out: dict[str, list[int]] = {}
+    for arm, b, c in rows:
+        out.setdefault(arm, [0] * (len(edges) + 1))[int(b)] += int(c)
+    return out
