@@ -34,6 +34,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from demo_models.data import generate
 from demo_models.wrappers import FraudModelV4
@@ -232,6 +233,11 @@ def train_all(
 ) -> list[Path]:
     """Train every demo version into `out`; keep existing versions unless `force`."""
     out.mkdir(parents=True, exist_ok=True)
+    with threadpool_limits(1):  # small data: one thread is faster than an OpenMP team on a shared machine
+        return _train_all(out, force, rows, log)
+
+
+def _train_all(out: Path, force: bool, rows: int, log: Callable[[str], None]) -> list[Path]:
     base = datetime.now(UTC).replace(tzinfo=None, microsecond=0) - timedelta(minutes=len(PLANS))
     written = []
     for i, plan in enumerate(PLANS):

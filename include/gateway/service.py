@@ -45,6 +45,7 @@ class GatewayConfig:
     :param lease_check_interval: seconds between background lease checks (each request also checks).
     :param batch_size: most rows per log transaction.
     :param max_queue: log queue bound (back-pressure beyond it).
+    :param flush_interval: longest wait, seconds, before a partial batch is written.
     :param spill_path: file for rows the database still refuses at shutdown.
     """
 
@@ -55,6 +56,7 @@ class GatewayConfig:
     lease_check_interval: float = 0.25
     batch_size: int = 500
     max_queue: int = 50_000
+    flush_interval: float = 0.05
     spill_path: Path | None = None
 
 
@@ -76,6 +78,7 @@ class Gateway:
             enabled=self.config.log_predictions,
             batch_size=self.config.batch_size,
             max_queue=self.config.max_queue,
+            flush_interval=self.config.flush_interval,
             spill_path=self.config.spill_path,
             on_written=self.metrics.rows_written.inc,
         )
