@@ -170,7 +170,7 @@ def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray):
         m = S1 / N
         e = c.s1 - m[key] * c.n
         R = np.bincount(key, e * e, size)
-        v_cr = G / (G - 1.0) * R / (N * N)
+        v_cr = np.where(G >= 2, G / np.maximum(G - 1.0, 1.0) * R / (N * N), np.nan)
         s2 = np.maximum(S2 / N - m * m, 0.0) * N / (N - 1.0)
         v_iid = s2 / N
     use_cr = v_cr > v_iid

@@ -1,0 +1,205 @@
+"""Each statistic against scipy, a hand computation or published group-sequential constants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from canary.analysis import MetricPolicy
+from canary.analysis.boundaries import boundaries, constant_boundary, crossing_probability, spending
+from canary.analysis.gates import (
+    circuit_breaker,
+    circuit_breaker_counts,
+    labelled_share_test,
+    msprt_log_lr,
+    srm_test,
+)
+from canary.analysis.planning import plan_canary_samples
+from canary.analysis.stats import MetricCells, compare, t_to_z
+from scipy import stats
+
+# Jennison & Turnbull (2000), Table 2.1 (Pocock C_P) and Table 2.3 (O'Brien-Fleming C_B), two-sided
+# alpha = 0.05, K equally spaced looks; one-sided 0.025 upper boundaries are the same to 3 decimals.
+POCOCK = {2: 2.178, 3: 2.289, 4: 2.361, 5: 2.413}
+OBRIEN_FLEMING = {2: 1.977, 3: 2.004, 4: 2.024, 5: 2.040}
+# Lan-DeMets spending boundaries, K = 5 equal looks, two-sided 0.05 (DeMets & Lan 1994, Stat Med 13:1341,
+# Table I; also gsDesign sfLDOF / sfLDPocock).
+LD_OBF_5 = [4.877, 3.357, 2.680, 2.290, 2.031]
+LD_POCOCK_5 = [2.438, 2.427, 2.410, 2.397, 2.386]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_classical_constants_match_jennison_turnbull(k):
+    assert constant_boundary(k, 0.025, "pocock") == pytest.approx(POCOCK[k], abs=1.5e-3)
+    assert constant_boundary(k, 0.025, "obrien_fleming") == pytest.approx(OBRIEN_FLEMING[k], abs=1.5e-3)
+
+
+def test_lan_demets_spending_boundaries_match_published():
+    fr = [0.2, 0.4, 0.6, 0.8, 1.0]
+    np.testing.assert_allclose(boundaries(fr, 0.025, "obrien_fleming"), LD_OBF_5, atol=2e-3)
+    np.testing.assert_allclose(boundaries(fr, 0.025, "pocock"), LD_POCOCK_5, atol=2e-3)
+
+
+def test_spending_functions_by_hand():
+    assert spending(1.0, 0.05, "pocock") == pytest.approx(0.05)
+    assert spending(0.5, 0.05, "pocock") == pytest.approx(0.05 * math.log(1 + (math.e - 1) * 0.5))
+    assert spending(0.25, 0.05, "obrien_fleming") == pytest.approx(2 * stats.norm.sf(stats.norm.isf(0.025) / 0.5))
+    assert spending(0.3, 0.05, "hsd", -2) == pytest.approx(0.05 * (1 - math.exp(0.6)) / (1 - math.exp(2)))
+    assert spending(0.0, 0.05) == 0.0 and spending(2.0, 0.05, "obrien_fleming") == pytest.approx(0.05)
+
+
+def test_unequal_ramp_boundaries_keep_alpha_by_monte_carlo():
+    fr = [0.012, 0.07, 0.38, 1.0]
+    b = boundaries(fr, 0.05, "pocock")
+    assert crossing_probability(b, fr) == pytest.approx(0.05, abs=2e-4)
+    rng = np.random.default_rng(3)
+    inc = rng.normal(0, 1, (400_000, 4)) * np.sqrt(np.diff([0.0, *fr]))
+    z = np.cumsum(inc, axis=1) / np.sqrt(fr)
+    rate = (z >= np.array(b)).any(axis=1).mean()
+    assert rate == pytest.approx(0.05, abs=0.0015)  # 4.5 standard errors
+    # a drift gives power; crossing_probability agrees with simulation there too
+    drift = 2.5
+    zd = (np.cumsum(inc, axis=1) + drift * np.array(fr)) / np.sqrt(fr)
+    assert crossing_probability(b, fr, drift) == pytest.approx((zd >= np.array(b)).any(axis=1).mean(), abs=0.004)
+
+
+def test_no_new_information_gives_no_new_alpha():
+    b = boundaries([0.5, 0.5], 0.05)
+    assert math.isinf(b[1])
+
+
+def test_t_to_z_matches_scipy():
+    for t, df in [(2.0, 5), (3.1, 12.5), (-1.2, 40), (4.0, 3)]:
+        assert t_to_z(t, df) == pytest.approx(math.copysign(stats.norm.isf(stats.t.sf(abs(t), df)), t))
+    assert t_to_z(1.7, math.inf) == 1.7
+
+
+def _cells(canary, step, cluster, values):
+    import pandas as pd
+
+    d = pd.DataFrame({"c": canary, "s": step, "g": cluster, "x": values})
+    a = d.assign(x2=d.x**2).groupby(["c", "s", "g"]).agg(n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum"))
+    a = a.reset_index()
+    return MetricCells.from_arrays(a.c, a.s, a.g, a.n, a.s1, a.s2)
+
+
+def test_single_cluster_comparison_is_welch_t():
+    rng = np.random.default_rng(1)
+    xb, xc = rng.normal(10, 2, 400), rng.normal(10.4, 3, 150)
+    c = _cells([False] * 400 + [True] * 150, [0] * 550, [0] * 550, np.r_[xb, xc])
+    m = MetricPolicy("lat", "latency_ms", "continuous", "decrease", 0.5, "absolute")
+    res = compare(c, m)
+    w = stats.ttest_ind(xc, xb, equal_var=False)
+    assert res.diff == pytest.approx(xc.mean() - xb.mean())
+    assert res.se == pytest.approx(math.sqrt(xb.var(ddof=1) / 400 + xc.var(ddof=1) / 150))
+    assert res.df == pytest.approx(w.df)
+    assert res.z_harm == pytest.approx(t_to_z(w.statistic, w.df))
+    # non-inferiority: canary - stable < 0.5, i.e. the Welch statistic shifted by the margin
+    assert res.z_ni == pytest.approx(t_to_z((0.5 - res.diff) / res.se, w.df))
+    up = compare(c, MetricPolicy("acc", "label", "continuous", "increase", 0.5, "absolute"))
+    assert up.z_harm == pytest.approx(-res.z_harm)
+
+
+def test_cluster_robust_variance_by_hand():
+    # stable: 3 minutes, canary: 3 minutes; minute totals deliberately noisy
+    n_b, s_b = np.array([100.0, 100, 100]), np.array([5.0, 15, 10])
+    n_c, s_c = np.array([50.0, 50, 50]), np.array([2.0, 9, 4])
+    c = MetricCells.from_arrays([False] * 3 + [True] * 3, [0] * 6, [1, 2, 3, 1, 2, 3], np.r_[n_b, n_c],
+                                np.r_[s_b, s_c], np.r_[s_b, s_c])
+    res = compare(c, MetricPolicy("err", "error"))
+
+    def cr(n, s):
+        m = s.sum() / n.sum()
+        return 3 / 2 * ((s - m * n) ** 2).sum() / n.sum() ** 2
+
+    assert cr(n_b, s_b) > (0.1 * 0.9 / 299)  # the minutes vary more than binomial: CR is used
+    assert res.se == pytest.approx(math.sqrt(cr(n_b, s_b) + cr(n_c, s_c)))
+    vb, vc = cr(n_b, s_b), cr(n_c, s_c)
+    assert res.df == pytest.approx((vb + vc) ** 2 / (vb**2 / 2 + vc**2 / 2))
+
+
+def test_stratified_by_step_removes_ramp_and_drift_bias():
+    # step 0: rate 1 %, 10 % canary; step 1: rate 5 %, 50 % canary; no true difference within steps.
+    counts = {(0, False): (9000, 90), (0, True): (1000, 10), (1, False): (5000, 250), (1, True): (5000, 250)}
+    canary, step, cl, n, s1 = [], [], [], [], []
+    for (st, arm), (nn, ss) in counts.items():
+        for g in range(10):
+            canary.append(arm), step.append(st), cl.append(g), n.append(nn / 10), s1.append(ss / 10)
+    c = MetricCells.from_arrays(canary, step, cl, n, s1, s1)
+    res = compare(c, MetricPolicy("err", "error"))
+    assert res.diff == pytest.approx(0.0, abs=1e-12)
+    pooled = (10 + 250) / 6000 - (90 + 250) / 14000
+    assert pooled > 0.015  # what an unstratified comparison would have called harm
+    w0, w1 = 9000 * 1000 / 10000, 5000 * 5000 / 10000
+    assert res.stable_mean == pytest.approx((w0 * 0.01 + w1 * 0.05) / (w0 + w1))
+
+
+def test_relative_margin_uses_fieller_form():
+    rng = np.random.default_rng(5)
+    xb, xc = rng.binomial(1, 0.05, 20000), rng.binomial(1, 0.05, 20000)
+    c = _cells([False] * 20000 + [True] * 20000, [0] * 40000, [0] * 40000, np.r_[xb, xc].astype(float))
+    res = compare(c, MetricPolicy("err", "error", margin=0.1, margin_type="relative"))
+    k = 1.1
+    vb, vc = xb.var(ddof=1) / 20000, xc.var(ddof=1) / 20000
+    t = (xc.mean() - k * xb.mean()) / math.sqrt(vc + k * k * vb)
+    assert res.z_ni == pytest.approx(-t, rel=1e-3)
+    assert res.margin_abs == pytest.approx(0.1 * xb.mean())
+
+
+def test_srm_matches_scipy_chisquare():
+    traffic = [{"step": 0, "arm": "stable", "requests": 9700, "units": 0, "percent": 5.0},
+               {"step": 0, "arm": "canary", "requests": 300, "units": 0, "percent": 5.0},
+               {"step": 1, "arm": "stable", "requests": 5100, "units": 4000, "percent": 50.0},
+               {"step": 1, "arm": "canary", "requests": 4900, "units": 3900, "percent": 50.0}]
+    res = srm_test(traffic, 0.001)
+    c0 = stats.chisquare([9700, 300], [9500, 500])
+    c1 = stats.chisquare([4000, 3900], [3950, 3950])  # units are counted when logged
+    assert res["chi2"] == pytest.approx(c0.statistic + c1.statistic)
+    assert res["p_value"] == pytest.approx(stats.chi2.sf(c0.statistic + c1.statistic, 2))
+    assert res["mismatch"] and res["steps"][1]["counted"] == "units"
+    ok = srm_test(traffic[2:], 0.001)
+    assert not ok["mismatch"] and ok["df"] == 1
+
+
+def test_labelled_share_matches_chi2_contingency():
+    lab = {"stable": {"eligible": 5000, "labelled": 3500}, "canary": {"eligible": 1000, "labelled": 640}}
+    res = labelled_share_test(lab, 0.001)
+    ref = stats.chi2_contingency([[3500, 1500], [640, 360]], correction=False)
+    assert res["p_value"] == pytest.approx(ref.pvalue)
+    assert res["mismatch"] == (ref.pvalue < 0.001)
+
+
+def test_msprt_formula_and_breaker():
+    d, v, tau = 0.01, 1e-5, 0.02
+    want = 0.5 * math.log(v / (v + tau**2)) + tau**2 * d**2 / (2 * v * (v + tau**2))
+    assert msprt_log_lr(d, v, tau) == pytest.approx(want)
+    assert not circuit_breaker(-0.05, v, tau, 0.001)["tripped"]  # better canary never trips
+    assert circuit_breaker(0.05, v, tau, 0.001)["tripped"]
+    assert circuit_breaker_counts(10000, 100, 1000, 60, 0.001)["tripped"]  # 1 % -> 6 %
+    assert not circuit_breaker_counts(10000, 100, 1000, 12, 0.001)["tripped"]
+
+
+def test_msprt_is_always_valid_by_simulation():
+    # evaluated after every batch of 50 requests per arm for 100 batches, A/A at 5 %: <= alpha
+    rng = np.random.default_rng(11)
+    reps, alpha = 4000, 0.05
+    xb = rng.binomial(50, 0.05, (reps, 100)).cumsum(1)
+    xc = rng.binomial(50, 0.05, (reps, 100)).cumsum(1)
+    n = 50 * np.arange(1, 101)
+    pool = np.clip((xb + xc) / (2 * n), 1e-4, 1)
+    var = pool * (1 - pool) * 2 / n
+    d = (xc - xb) / n
+    llr = 0.5 * np.log(var / (var + 0.05**2)) + 0.05**2 * d**2 / (2 * var * (var + 0.05**2))
+    rate = ((llr >= math.log(1 / alpha)) & (d > 0)).any(axis=1).mean()
+    assert rate <= alpha
+
+
+def test_power_plan_by_hand():
+    plan = plan_canary_samples(0.05 * 0.95, 0.005, [1, 5, 25, 50], 0.05, 0.8, design_effect=1.0,
+                               sequential_inflation=1.0)
+    z = stats.norm.isf(0.05) + stats.norm.isf(0.2)
+    assert plan.per_step == math.ceil(0.0475 * z * z / (0.005**2 * (0.99 + 0.95 + 0.75 + 0.5)))
+    assert plan.total == 4 * plan.per_step
+    with pytest.raises(ValueError, match="margin_abs"):
+        plan_canary_samples(0.1, 0.0, [50])
