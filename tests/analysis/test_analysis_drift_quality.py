@@ -1,0 +1,99 @@
+"""Drift statistics against hand computations and scipy; data quality failures named with observed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from canary.analysis.drift import compare_arms, compare_column, js_divergence, psi, psi_threshold
+from canary.analysis.quality import load_suite, validate
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+
+def test_psi_by_hand():
+    ref = np.arange(100, dtype=float)  # quartile edges 24.75, 49.5, 74.25: 25 per bin
+    cur = np.r_[np.full(10, 10.0), np.full(40, 60.0)]  # 10 in bin 0, 40 in bin 2
+    value, used = psi(ref, cur, bins=4)
+    p = np.array([25.5, 25.5, 25.5, 25.5]) / 102
+    q = np.array([10.5, 0.5, 40.5, 0.5]) / 52
+    assert used == 4
+    assert value == pytest.approx(np.sum((q - p) * np.log(q / p)))
+
+
+def test_psi_threshold_is_calibrated_under_no_drift():
+    assert psi_threshold(1000, 500, 10, 0.0) == pytest.approx((1 / 1000 + 1 / 500) * stats.chi2.ppf(0.999, 9))
+    assert psi_threshold(10**6, 10**6, 10, 0.1) == 0.1
+    rng = np.random.default_rng(2)
+    flags = [compare_column(rng.normal(size=400), rng.normal(size=300), 10, 0.0)["drifted"] for _ in range(400)]
+    assert np.mean(flags) <= 0.01  # nominal 0.001; a small sample of the null
+    shifted = compare_column(rng.normal(size=5000), rng.normal(0.5, 1, 5000))
+    assert shifted["drifted"]
+
+
+def test_js_and_ks_match_scipy():
+    r = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    c = ["a"] * 30 + ["b"] * 30 + ["c"] * 30 + [None] * 10
+    value, k = js_divergence(r, c)
+    p = np.array([50, 30, 20, 0]) / 100  # categories sorted: <null>, a, b, c -> reorder below
+    q = np.array([30, 30, 30, 10]) / 100
+    assert k == 4
+    assert value == pytest.approx(jensenshannon(p, q) ** 2)
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=300), rng.normal(0.5, 1, 200)
+    res = compare_column(a, b)
+    ks = stats.ks_2samp(a, b)
+    assert res["ks"] == pytest.approx(ks.statistic) and res["ks_p_value"] == pytest.approx(ks.pvalue)
+
+
+def test_compare_arms_flags_biased_routing_on_inputs_only():
+    rng = np.random.default_rng(8)
+    n = 4000
+    arm = np.where(rng.random(n) < 0.5, "canary", "stable")
+    amount = np.where(arm == "canary", rng.lognormal(4.5, 1, n), rng.lognormal(4, 1, n))
+    score = np.where(arm == "canary", rng.random(n) * 0.5, rng.random(n))
+    country = rng.choice(["de", "fr"], n)
+    rows = pd.DataFrame({"arm": arm, "amount": amount, "country": country, "score": score, "ts": 0})
+    res = compare_arms(rows)
+    assert res["drifted"] == ["amount"]
+    assert res["columns"]["score"]["drifted"]  # reported, but outputs may differ between models
+    assert not res["columns"]["country"]["drifted"]
+    with pytest.raises(ValueError, match="nope"):
+        compare_arms(rows, columns=["nope"])
+
+
+def _fraud_rows(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "prediction": rng.integers(0, 2, n).astype(float), "score": rng.random(n) * 0.4,
+        "latency_ms": rng.lognormal(3, 0.5, n), "status": "ok", "amount": rng.lognormal(3, 1, n),
+        "hour": rng.integers(0, 24, n).astype(float), "account_age_days": 30.0, "tx_last_24h": 1.0,
+        "merchant_risk": rng.random(n), "country": rng.integers(0, 5, n).astype(float), "distance_km": 2.0})
+
+
+def test_quality_passes_clean_rows_and_names_failures_with_observed_values():
+    rows = _fraud_rows()
+    ok = validate(rows, "fraud")
+    assert ok["success"] and ok["failures"] == [] and ok["evaluated"] == len(load_suite("fraud")["expectations"])
+    bad = rows.copy()
+    bad.loc[:49, "score"] = 1.5  # 2.5 % of scores out of range
+    bad.loc[:9, "prediction"] = 7.0
+    bad = bad.drop(columns=["merchant_risk"])
+    err = bad.iloc[:5].assign(status="error", score=np.nan)  # error rows are not the suite's business
+    res = validate(pd.concat([bad, err]), "fraud")
+    assert not res["success"] and res["rows"] == 2000
+    by = {(f["expectation"], f["column"]): f for f in res["failures"]}
+    assert "2.5% unexpected (50 rows)" in by[("expect_column_values_to_be_between", "score")]["observed"]
+    assert "1.5" in by[("expect_column_values_to_be_between", "score")]["observed"]
+    assert "(10 rows)" in by[("expect_column_values_to_be_in_set", "prediction")]["observed"]
+    assert by[("expect_column_to_exist", "merchant_risk")]["observed"] == "column missing"
+    mean = by.get(("expect_column_mean_to_be_between", "score"))
+    assert mean is None or isinstance(mean["observed"], float)
+
+
+def test_suite_names_are_validated():
+    with pytest.raises(ValueError, match="not a valid suite name"):
+        load_suite("../etc/passwd")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_suite("no_such_model")
+    assert load_suite("eta")["name"] == "eta"
