@@ -56,6 +56,8 @@ def test_compare_arms_flags_biased_routing_on_inputs_only():
     rows = pd.DataFrame({"arm": arm, "amount": amount, "country": country, "score": score, "ts": 0})
     res = compare_arms(rows)
     assert res["drifted"] == ["amount"]
+    two = compare_arms(rows[rows.arm == "stable"], rows[rows.arm == "canary"], ["amount", "country"])
+    assert two["drifted"] == ["amount"] and set(two["columns"]) == {"amount", "country"}
     assert res["columns"]["score"]["drifted"]  # reported, but outputs may differ between models
     assert not res["columns"]["country"]["drifted"]
     with pytest.raises(ValueError, match="nope"):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-LOG_COLUMNS = ("request_id", "ts", "arm", "version", "unit_id", "status", "error", "latency_ms")
+LOG_COLUMNS = ("request_id", "ts", "arm", "version", "unit_id", "status", "error", "latency_ms", "step", "percent")
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> tuple[float, int]:
@@ -108,12 +108,23 @@ def compare_frames(reference: Any, current: Any, columns: list[str] | str = "all
     return {"columns": out, "drifted": [c for c, r in out.items() if r.get("drifted")]}
 
 
-def compare_arms(rows: Any, columns: list[str] | str = "all", bins: int = 10, psi_floor: float = 0.1,
-                 inputs_only: bool = True) -> dict[str, Any]:
-    """Drift between arms in one sample (stable = reference). With ``inputs_only`` the model outputs
-    (``prediction``, ``score``) are reported but do not count as drift: they are supposed to differ."""
-    ref, cur = rows[rows["arm"] == "stable"], rows[rows["arm"] == "canary"]
-    res = compare_frames(ref, cur, columns, bins, psi_floor)
+def compare_windows(reference: Any, current: Any, columns: list[str] | str = "all", bins: int = 10,
+                    psi_floor: float = 0.1) -> dict[str, Any]:
+    """Live window against the pre-rollout reference (after promotion): :func:`compare_frames`."""
+    return compare_frames(reference, current, columns, bins, psi_floor)
+
+
+def compare_arms(stable: Any, canary: Any = None, columns: list[str] | str = "all", bins: int = 10,
+                 psi_floor: float = 0.1, inputs_only: bool = True) -> dict[str, Any]:
+    """Drift between the arms (stable = reference) during a step.
+
+    Pass the two arms' rows, or one DataFrame with an ``arm`` column as ``stable`` and ``canary=None``.
+    With ``inputs_only`` the model outputs (``prediction``, ``score``) are reported but do not count as
+    drift: two models are supposed to answer differently; their inputs are not.
+    """
+    if canary is None:
+        stable, canary = stable[stable["arm"] == "stable"], stable[stable["arm"] == "canary"]
+    res = compare_frames(stable, canary, columns, bins, psi_floor)
     if inputs_only:
         res["drifted"] = [c for c in res["drifted"] if c not in ("prediction", "score")]
     return res

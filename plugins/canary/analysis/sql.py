@@ -200,13 +200,13 @@ def baseline(bind: Any, model: str, start: datetime, end: datetime, policy: Poli
         where = "p.model = :model AND p.arm = 'stable' AND p.ts >= :s AND p.ts < :e"
         n = _run(conn, f"SELECT COUNT(*) FROM predictions p WHERE {where}", params, dts)[0][0]
         out: dict[str, Any] = {"window": [start.isoformat(), end.isoformat()], "requests": int(n),
-                               "latency_p95": None, "rates": {}}
+                               "latency_p95": None, "latency_p95_ms": None, "rates": {}}
         if not n:
             return out
         k = max(int(np.ceil(quantile * n)) - 1, 0)
         q = _run(conn, f"SELECT p.latency_ms FROM predictions p WHERE {where} ORDER BY p.latency_ms "
                        "LIMIT 1 OFFSET :k", {**params, "k": k}, dts)
-        out["latency_p95"] = float(q[0][0])
+        out["latency_p95"] = out["latency_p95_ms"] = float(q[0][0])
         if policy is not None:
             thr = {m.name: out["latency_p95"] for m in policy.metrics if m.threshold == "baseline_p95"}
             for i, m in enumerate(policy.metrics):
