@@ -1,0 +1,118 @@
+"""The judge end to end on per-request DataFrames (Contract 3): decisions, gates, history, record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from canary.analysis import LookHistory, MetricPolicy, Policy, Verdict, judge
+from canary.analysis.stats import ArmStats
+
+T0 = pd.Timestamp("2026-03-01 10:00:00")
+
+
+def rollout(rates: dict[str, float], steps=(10.0, 50.0), n_per_step=40000, seed=1, lat_scale=1.0,
+            share_bias=1.0) -> pd.DataFrame:
+    """Per-request rows over ``steps`` (30 minutes each); error rate per arm, latency lognormal."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k, pct in enumerate(steps):
+        n = n_per_step
+        arm = np.where(rng.random(n) < pct / 100 * share_bias, "canary", "stable")
+        ts = T0 + pd.Timedelta(minutes=30 * k) + pd.to_timedelta(rng.uniform(0, 1800, n), unit="s")
+        err = (rng.random(n) < np.where(arm == "canary", rates["canary"], rates["stable"])).astype(float)
+        lat = rng.lognormal(3, 0.5, n) * np.where(arm == "canary", lat_scale, 1.0)
+        frames.append(pd.DataFrame({"arm": arm, "step": k, "ts": ts, "percent": pct, "error_rate": err,
+                                    "latency_ms": lat, "unit_id": None}))
+    return pd.concat(frames, ignore_index=True)
+
+
+POLICY = Policy(
+    metrics=(MetricPolicy("error_rate", "error", critical=True, margin=0.2, margin_type="relative"),
+             MetricPolicy("latency_ms", "latency_ms", kind="latency_threshold", threshold=40.0, margin=0.02)),
+    planned_canary_samples=24000, circuit_breaker_alpha=0.001)
+
+
+def looks(df: pd.DataFrame, policy=POLICY) -> list[Verdict]:
+    out, hist = [], None
+    steps = sorted(df.step.unique())
+    for k in steps:
+        v = judge(df[df.step <= k], policy, hist, is_last_step=k == steps[-1])
+        out.append(v)
+        hist = json.loads(json.dumps(v.history.to_dict()))  # through XCom
+        if v.decision in ("rollback", "promote"):
+            break
+    return out
+
+
+def test_equal_arms_advance_then_promote():
+    vs = looks(rollout({"stable": 0.02, "canary": 0.02}))
+    assert [v.decision for v in vs] == ["advance", "promote"]
+    last = vs[-1]
+    assert all(m.non_inferior and not m.harm for m in last.metrics)
+    assert last.metrics[0].information == pytest.approx(min(1.0, last.metrics[0].samples["canary"] / 24000))
+    assert vs[0].metrics[0].information == pytest.approx(vs[0].metrics[0].samples["canary"] / 24000)
+    assert last.history.looks[0]["metrics"]["error_rate"]["t"] == vs[0].metrics[0].information
+
+
+def test_harm_rolls_back_with_the_metric_named():
+    vs = looks(rollout({"stable": 0.02, "canary": 0.03}))
+    v = vs[-1]
+    assert v.decision == "rollback"
+    assert "error_rate" in v.reason
+    m = v.metrics[0]
+    assert m.harm or (m.breaker and m.breaker["tripped"])
+    assert m.canary > m.stable and m.z_harm > 3
+
+
+def test_latency_regression_rolls_back_on_the_exceedance_metric():
+    v = looks(rollout({"stable": 0.02, "canary": 0.02}, lat_scale=1.3))[-1]
+    assert v.decision == "rollback" and "latency_ms" in v.reason and "error_rate" not in v.reason
+
+
+def test_sample_ratio_mismatch_blocks_promotion():
+    df = rollout({"stable": 0.02, "canary": 0.02}, share_bias=1.1)
+    v = judge(df, POLICY, None, is_last_step=True)
+    assert v.srm["mismatch"] and v.decision == "extend" and "sample ratio mismatch" in v.reason
+
+
+def test_data_quality_failure_rolls_back_and_drift_blocks():
+    df = rollout({"stable": 0.02, "canary": 0.02})
+    dq = {"success": False, "failures": [{"expectation": "expect_column_values_to_be_between",
+                                          "column": "score", "observed": "3% unexpected"}]}
+    v = judge(df, POLICY, None, is_last_step=True, data_quality=dq)
+    assert v.decision == "rollback" and "expect_column_values_to_be_between" in v.reason and "3%" in v.reason
+    v = judge(df, POLICY, None, is_last_step=False, drift={"drifted": ["amount"]})
+    assert v.decision == "extend" and "amount" in v.reason
+
+
+def test_too_little_data_extends_and_spends_no_alpha():
+    df = rollout({"stable": 0.02, "canary": 0.02}, n_per_step=200, steps=(5.0,))
+    v = judge(df, POLICY, None)
+    assert v.decision == "extend" and "not testable" in v.reason
+    assert v.history.looks[0]["metrics"]["error_rate"]["t"] is None
+
+
+def test_same_input_same_verdict_and_json_round_trip():
+    df = rollout({"stable": 0.02, "canary": 0.025}, seed=3)
+    a = judge(df, POLICY, {"looks": []}).to_dict()
+    b = judge(ArmStats.from_frame(df, POLICY), POLICY, LookHistory()).to_dict()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert json.loads(json.dumps(a))["decision"] in ("advance", "promote", "rollback", "extend")
+
+
+def test_decision_record_is_a_readable_table():
+    v = looks(rollout({"stable": 0.02, "canary": 0.03}))[-1]
+    text = v.to_text()
+    assert text.startswith("DECISION: ROLLBACK")
+    assert "error_rate*" in text and "latency_ms" in text and "rollback@" in text
+    assert f"{v.metrics[0].samples['stable']}/{v.metrics[0].samples['canary']}" in text
+    assert "sample ratio: p =" in text and "next: canary to 0 %" in text
+
+
+def test_missing_column_is_named():
+    df = rollout({"stable": 0.02, "canary": 0.02}).drop(columns=["latency_ms"])
+    with pytest.raises(ValueError, match="latency_ms"):
+        judge(df, POLICY)
