@@ -100,6 +100,8 @@ def _print_result(result, index: int) -> None:
         print("    traffic steps: " + " -> ".join(f"{p:g} %" for p in result.steps))
     for look in result.looks:
         print(f"    step {look.step}: {str(look.decision).upper()}: {look.reason}")
+    if result.outcome == "rolled_back":
+        print(f"    rollback reason: {result.reason}")
     route = result.route
     canary = f", canary {route.get('canary')} at {route.get('canary_percent'):g} %" if route.get("canary") else ""
     print(f"    route after the run: stable {route.get('stable')}{canary} (generation {route.get('generation')})")

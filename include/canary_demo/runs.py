@@ -66,6 +66,7 @@ class RolloutResult:
     report_path: str | None
     errors: list[str]
     log_path: Path
+    xcoms: dict[str, Any] = field(default_factory=dict, repr=False)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -80,7 +81,10 @@ class RolloutResult:
 
     @property
     def reason(self) -> str | None:
-        """The reason of the last analysis (the one that decided the run)."""
+        """Why the run ended as it did: the rollback's reason, else the last analysis's."""
+        rollback = self.xcoms.get("rollback:rollback") or {}
+        if isinstance(rollback, dict) and rollback.get("reason"):
+            return str(rollback["reason"])
         return self.looks[-1].reason if self.looks else None
 
     @property
@@ -132,12 +136,12 @@ class RouteWatcher(threading.Thread):
         self._get_route = get_route
         self._out = out
         self._interval = interval
-        self._stop = threading.Event()
-        self._started = time.monotonic()
+        self._halt = threading.Event()
+        self._t0 = time.monotonic()
 
     def run(self) -> None:
         last = None
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 r = self._get_route()
                 key = (r.get("stable"), r.get("canary"), r.get("canary_percent"), r.get("mode"))
@@ -145,20 +149,20 @@ class RouteWatcher(threading.Thread):
                     last = key
                     canary = f", canary {r.get('canary')} at {r.get('canary_percent'):g} %" if r.get("canary") else ""
                     self._out.write(
-                        f"    [{time.monotonic() - self._started:5.0f} s] route: stable {r.get('stable')}{canary} "
+                        f"    [{time.monotonic() - self._t0:5.0f} s] route: stable {r.get('stable')}{canary} "
                         f"(generation {r.get('generation')})\n"
                     )
             except Exception as exc:  # the gateway may be busy; keep watching
                 self._out.write(f"    route watcher: {type(exc).__name__}\n")
-            self._stop.wait(self._interval)
+            self._halt.wait(self._interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 
 def read_run(dag_id: str, run_id: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """Task states and return-value XComs of one DAG run."""
+    """Task states and XComs of one DAG run: ``task_id`` for return values, ``task_id:key`` for others."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
     from airflow.settings import Session
@@ -170,12 +174,23 @@ def read_run(dag_id: str, run_id: str) -> tuple[dict[str, str], dict[str, Any]]:
         ).all()
         states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in tis}
         rows = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value"
-            )
+            select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == run_id)
         ).all()
-        xcoms = {row.task_id: row.value for row in rows}
+        xcoms = {row.task_id if row.key == "return_value" else f"{row.task_id}:{row.key}": row.value for row in rows}
     return states, xcoms
+
+
+def _latest_run(dag_id: str) -> tuple[str, Any] | None:
+    """(run id, state) of the newest run of ``dag_id``, or None."""
+    from airflow.models.dagrun import DagRun
+    from airflow.settings import Session
+    from sqlalchemy import select
+
+    with Session() as session:
+        run = session.scalars(
+            select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)
+        ).first()
+        return (run.run_id, run.state) if run is not None else None
 
 
 def _errors_in_log(path: Path, since: int) -> list[str]:
@@ -204,16 +219,24 @@ def run_case(
     dag = load_dag(dag_id)
     since = log_path.stat().st_size if log_path.exists() else 0
     started = time.monotonic()
+    test_error = None
+    before = _latest_run(dag_id)
     with output_to(log_path) as out:
         watcher = RouteWatcher(get_route, out)
         watcher.start()
         try:
             dag_run = dag.test(run_conf=case.conf())
+            run_id, state = dag_run.run_id, dag_run.state
+        except Exception as exc:  # dag.test itself broke (e.g. in a DAG callback): read the run back
+            test_error = f"dag.test raised {type(exc).__name__}: {exc}"
+            latest = _latest_run(dag_id)
+            if latest is None or latest == before:
+                raise DemoError(f"{test_error} before a DAG run was created; see {log_path}") from None
+            run_id, state = latest
         finally:
             watcher.stop()
     seconds = time.monotonic() - started
-    run_id = dag_run.run_id
-    state = str(getattr(dag_run.state, "value", dag_run.state))
+    state = str(getattr(state, "value", state))
     states, xcoms = read_run(dag_id, run_id)
 
     looks = []
@@ -233,7 +256,8 @@ def run_case(
     return RolloutResult(
         case=case, run_id=run_id, state=state, seconds=seconds, task_states=states, looks=looks, steps=steps,
         route=route, report_path=report.get("path") if isinstance(report, dict) else None,
-        errors=_errors_in_log(log_path, since), log_path=log_path,
+        errors=([test_error] if test_error else []) + _errors_in_log(log_path, since), log_path=log_path,
+        xcoms=xcoms,
     )
 
 

@@ -87,7 +87,7 @@ def airflow_env(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "GX_ANALYTICS_ENABLED": "False",
-        "CANARY_REPORTS_DIR": str(paths.reports),
+        "CANARY_REPORT_DIR": str(paths.reports),
         "PYTHONPATH": os.pathsep.join(
             [str(REPO / "include"), str(REPO / "plugins")]
             + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])

@@ -360,6 +360,10 @@ def _kv_table(rows: Iterable[tuple[str, Any]]) -> str:
 def _cell(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return _num(value)
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        return _dict_rows_table(value)
+    if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+        return _dict_rows_table([{"": k, **v} for k, v in value.items()])
     if isinstance(value, Mapping | list | tuple):
         return f"<code>{_e(json.dumps(value, default=str, sort_keys=True))}</code>"
     return _e(value)
