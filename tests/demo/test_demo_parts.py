@@ -1,0 +1,116 @@
+"""The main job's parts that can be checked without running the rollouts (tests/e2e runs whole DAGs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from canary_demo.runs import Look, RolloutResult, check, output_to
+from canary_demo.scenario import CASES, MODEL, SPECS, write_demo_spec, write_demo_specs
+
+
+def test_demo_specs_are_the_real_specs_with_short_holds(tmp_path):
+    from canary.spec import load_spec
+
+    paths = write_demo_specs(tmp_path)
+    assert sorted(p.name for p in paths) == sorted(p.name for p in SPECS.glob("*.yaml"))
+    for path in paths:
+        demo, real = load_spec(path), load_spec(SPECS / path.name)
+        assert demo.hold.min_duration <= 30 and demo.hold.poll_interval <= 5 and demo.post_deploy.window <= 30
+        assert real.hold.min_duration > demo.hold.min_duration
+        # everything that decides is the real spec's
+        assert demo.metrics and [m.name for m in demo.metrics] == [m.name for m in real.metrics]
+        assert [m.margin for m in demo.metrics] == [m.margin for m in real.metrics]
+        assert demo.alpha == real.alpha and demo.steps == real.steps
+
+
+def test_every_case_conf_passes_the_trigger_validation(tmp_path):
+    from canary.spec import load_spec
+
+    path = write_demo_spec(tmp_path)
+    expects = set()
+    for case in CASES:
+        spec = load_spec(path, params=case.conf(), require_candidate=True)
+        assert spec.candidate == case.candidate
+        assert list(spec.steps) == case.params["steps"]
+        expects.add(case.expect)
+    assert expects == {"promoted", "rolled_back"}
+
+
+def test_the_dag_factory_builds_the_demo_dag(tmp_path):
+    from canary.dag_factory import build_dags
+
+    write_demo_spec(tmp_path)
+    dags = build_dags(tmp_path)
+    dag = dags[f"canary_rollout__{MODEL}"]
+    assert {"validate", "preflight", "promote", "rollback", "report", "fail_safe"} <= set(dag.task_ids)
+
+
+def _result(tmp_path: Path, case, *, state: str, decision: str, route: dict, promote_state: str | None,
+            report: bool = True) -> RolloutResult:
+    report_path = tmp_path / ("r.html" if report else "never-written.html")
+    if report:
+        report_path.write_text("<html></html>")
+    states = {"validate": "success", "step_1.analyze": "success"}
+    if promote_state:
+        states["promote"] = promote_state
+    if decision == "rollback":
+        states["rollback"] = "failed"
+    return RolloutResult(case=case, run_id="r", state=state, seconds=1.0, task_states=states,
+                         looks=[Look(1, decision, f"because {decision}", None)], steps=[10.0], route=route,
+                         report_path=str(report_path), errors=[], log_path=tmp_path / "log")
+
+
+def test_check_accepts_the_expected_outcomes(tmp_path):
+    good, bad = (next(c for c in CASES if c.expect == e) for e in ("promoted", "rolled_back"))
+    promoted = _result(tmp_path, good, state="success", decision="promote", promote_state="success",
+                       route={"stable": good.candidate, "canary": None, "canary_percent": 0})
+    assert promoted.outcome == "promoted" and check(promoted, "v1") == []
+    rolled = _result(tmp_path, bad, state="failed", decision="rollback", promote_state=None,
+                     route={"stable": "v2", "canary": bad.candidate, "canary_percent": 0})
+    assert rolled.outcome == "rolled_back" and check(rolled, "v2") == []
+
+
+def test_check_flags_every_unexpected_outcome(tmp_path):
+    good, bad = (next(c for c in CASES if c.expect == e) for e in ("promoted", "rolled_back"))
+    # the good candidate rolled back
+    r = _result(tmp_path, good, state="failed", decision="rollback", promote_state=None,
+                route={"stable": "v1", "canary": good.candidate, "canary_percent": 0})
+    problems = check(r, "v1")
+    assert any("expected the candidate v2 to be promoted" in p for p in problems)
+    assert any("stable is v1" in p for p in problems)
+    # the bad candidate promoted
+    r = _result(tmp_path, bad, state="success", decision="promote", promote_state="success",
+                route={"stable": bad.candidate, "canary": None, "canary_percent": 0})
+    assert any("to be rolled back" in p for p in check(r, "v2"))
+    # a run that failed on an error (not a rollback decision) is not a rollback
+    r = _result(tmp_path, bad, state="failed", decision="extend", promote_state=None,
+                route={"stable": "v2", "canary": bad.candidate, "canary_percent": 0})
+    assert r.outcome == "failed" and check(r, "v2")
+    # traffic left on the canary, no report
+    r = _result(tmp_path, bad, state="failed", decision="rollback", promote_state=None, report=False,
+                route={"stable": "v2", "canary": bad.candidate, "canary_percent": 10})
+    problems = check(r, "v2")
+    assert any("still has 10 %" in p for p in problems) and any("no HTML report" in p for p in problems)
+
+
+def test_output_to_captures_task_output_at_the_file_descriptor_level(tmp_path):
+    log = tmp_path / "run.log"
+    with output_to(log) as console:
+        os.write(1, b"from fd 1\n")
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('from a child\\n')"], check=True)
+        console.write("")
+    text = log.read_text()
+    assert "from fd 1" in text and "from a child" in text
+
+
+def test_demo_refuses_to_pretend_without_a_dag_file(tmp_path, monkeypatch):
+    import canary_demo.runs as runs
+    from canary_demo.stack import DemoError
+
+    monkeypatch.setattr(runs, "DAG_FILE", tmp_path / "missing.py")
+    with pytest.raises(DemoError, match="does not exist"):
+        runs.load_dag("canary_rollout__fraud")
