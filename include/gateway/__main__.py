@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lease-check-interval", type=float, default=0.25, help="seconds between lease checks"
     )
     parser.add_argument("--batch-size", type=int, default=500, help="most rows per log transaction")
+    parser.add_argument(
+        "--inline-threshold-ms", type=float, default=1.0, help="models faster than this run on the event loop"
+    )
     parser.add_argument("--model-threads", type=int, default=1, help="OpenMP/BLAS threads per model call")
     parser.add_argument("--flush-interval", type=float, default=0.05, help="longest wait before a partial batch")
     parser.add_argument(
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.model_threads))
 
+    # Hand the GIL over sooner (default 5 ms): the log writer and slow models run in threads, and the event loop
+    # should not wait a full default interval for the GIL behind them.
+    sys.setswitchinterval(0.0005)
+
     import uvicorn
 
     from gateway.app import create_app
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_queue=args.max_queue,
         flush_interval=args.flush_interval,
+        inline_threshold_ms=args.inline_threshold_ms,
         spill_path=args.spill_path,
     )
     uvicorn.run(

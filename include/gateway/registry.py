@@ -82,6 +82,16 @@ class LoadedModel:
     estimator: Any
     _positive_index: int = 1
     _use_frame: bool = False
+    call_ms_ewma: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        """Record one call's duration (exponentially weighted mean, for the inline-or-thread decision)."""
+        ms = seconds * 1000.0
+        self.call_ms_ewma = ms if self.call_ms_ewma is None else 0.9 * self.call_ms_ewma + 0.1 * ms
+
+    def is_fast(self, threshold_ms: float) -> bool:
+        """True when the model's calls usually take less than `threshold_ms` (then it runs on the event loop)."""
+        return self.call_ms_ewma is not None and self.call_ms_ewma < threshold_ms
 
     def __post_init__(self) -> None:
         self._use_frame = hasattr(self.estimator, "feature_names_in_")

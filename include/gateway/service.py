@@ -46,6 +46,8 @@ class GatewayConfig:
     :param batch_size: most rows per log transaction.
     :param max_queue: log queue bound (back-pressure beyond it).
     :param flush_interval: longest wait, seconds, before a partial batch is written.
+    :param inline_threshold_ms: models whose calls average less than this run on the event loop (no thread
+        hand-off); slower ones run in the worker thread pool so they cannot stall other requests. 0 disables.
     :param spill_path: file for rows the database still refuses at shutdown.
     """
 
@@ -57,6 +59,7 @@ class GatewayConfig:
     batch_size: int = 500
     max_queue: int = 50_000
     flush_interval: float = 0.05
+    inline_threshold_ms: float = 1.0
     spill_path: Path | None = None
 
 
