@@ -19,13 +19,20 @@ class Traffic:
     :param model: the model to send requests to.
     :param rate: requests per second.
     :param log_path: file for the simulator's log lines.
+    :param label_delay: seconds until a request's true label is sent back as feedback.
+    :param units: distinct unit ids (sticky routing keys) the traffic comes from.
+    :param seed: the simulator's random seed.
     """
 
-    def __init__(self, url: str, model: str, *, rate: float, log_path: Path) -> None:
+    def __init__(self, url: str, model: str, *, rate: float, log_path: Path, label_delay: float = 2.0,
+                 units: int = 2000, seed: int = 0) -> None:
         self.url = url
         self.model = model
         self.rate = rate
         self.log_path = log_path
+        self.label_delay = label_delay
+        self.units = units
+        self.seed = seed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -48,8 +55,8 @@ class Traffic:
         def body() -> None:
             try:
                 self._result = simulator.run(
-                    url=self.url, model=self.model, rate=self.rate, duration=None, feedback=True,
-                    stop_event=self._stop,
+                    self.url, self.model, rate=self.rate, duration=24 * 3600, units=self.units,
+                    label_delay=self.label_delay, seed=self.seed, stop_event=self._stop,
                 )
             except BaseException as exc:  # reported by check() and stop()
                 self._error = exc
