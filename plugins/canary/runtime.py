@@ -50,6 +50,7 @@ __all__ = [
     "power_plan",
     "offline_gate",
     "root_cause",
+    "json_safe",
     "HoldSettings",
     "PLAN_VERSION",
     "MANUAL_RUN_TYPES",
@@ -709,38 +710,18 @@ def circuit_breaker(plan: dict[str, Any], counts: dict[str, dict[str, int]]) -> 
 # Analysis
 
 
-def _observations(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dict[str, Any]]) -> Any:
-    """Per-request observations of both arms over every step's recorded window (Contract 3 DataFrame)."""
-    import pandas as pd
+def _observations(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dict[str, Any]], policy: Any,
+                  thresholds: dict[str, float]) -> Any:
+    """Sufficient statistics of both arms over every step's recorded window, aggregated in the database
+    (``canary.analysis.sql.look_stats``): only the recorded ``step_started_at`` and ``look_at`` count."""
+    from canary.analysis.sql import look_stats
+    from canary.hooks.timeutil import to_naive_utc
 
-    from canary.hooks.timeutil import parse_ts
-
-    spec = _spec(plan)
-    log = _log_hook(plan)
-    baseline = pre.get("baseline") or {}
-    metrics = spec.get("metrics", [])
-    frames = []
-    for k, st in enumerate(steps_so_far):
-        start, look_at = parse_ts(st["step_started_at"]), parse_ts(st["look_at"])
-        rows = log.window_rows(_model(plan), start=start, end=look_at,
-                               versions={"stable": pre["stable"], "canary": pre["candidate"]},
-                               with_labels=any(m.get("source") in _LABEL_SOURCES for m in metrics))
-        recs = []
-        for r in rows:
-            ts = parse_ts(r["ts"])
-            rec = {"arm": r["arm"], "step": k, "ts": ts.replace(tzinfo=None), "unit_id": r.get("unit_id"),
-                   "percent": st.get("percent")}
-            for m in metrics:
-                if m.get("source") in _LABEL_SOURCES and (look_at - ts).total_seconds() < _seconds(
-                        m.get("label_delay", 0) or 0):
-                    rec[m["name"]] = float("nan")  # label not matured at the look time: same on both arms
-                else:
-                    rec[m["name"]] = metric_value(m, r, _threshold(m, baseline))
-            recs.append(rec)
-        frames.append(pd.DataFrame.from_records(recs))
-    cols = ["arm", "step", "ts", "unit_id", "percent", *[m["name"] for m in metrics]]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    windows = [(k, float(st.get("percent") or 0.0), to_naive_utc(st["step_started_at"]), to_naive_utc(st["look_at"]))
+               for k, st in enumerate(steps_so_far)]
+    look_at = to_naive_utc(steps_so_far[-1]["look_at"])
+    return look_stats(_log_hook(plan).get_sqlalchemy_engine(), _model(plan), windows, policy, look_at,
+                      thresholds=thresholds)
 
 
 def _feature_frames(plan: dict[str, Any], pre: dict[str, Any], start: datetime, end: datetime,
@@ -834,7 +815,7 @@ def analyze(
     baseline = pre.get("baseline") or {}
     thresholds = {m["name"]: baseline["latency_p95_ms"] for m in spec.get("metrics", [])
                   if m.get("threshold") == "baseline_p95" and baseline.get("latency_p95_ms") is not None}
-    observations = _observations(plan, pre, steps_so_far)
+    observations = _observations(plan, pre, steps_so_far, policy, thresholds)
     dq = _data_quality(plan, pre, steps_so_far)
     drift = _arm_drift(plan, pre, steps_so_far)
     is_last = int(steps_so_far[-1]["step_index"]) == len(spec["steps"])
@@ -844,7 +825,23 @@ def analyze(
     header = (f"{_model(plan)} {pre['stable']} -> {pre['candidate']}, step {steps_so_far[-1]['step_index']}/"
               f"{len(spec['steps'])} at {steps_so_far[-1].get('percent')}%, window "
               f"{steps_so_far[-1]['step_started_at']} .. {steps_so_far[-1]['look_at']}")
-    return {"verdict": out, "history": verdict.history.to_dict(), "record": header + "\n" + verdict.to_text()}
+    return json_safe(
+        {"verdict": out, "history": verdict.history.to_dict(), "record": header + "\n" + verdict.to_text()}
+    )
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy that strict JSON (XCom, trigger kwargs) accepts: NaN and infinities become None, numpy scalars
+    plain numbers, tuples lists."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, str | bytes):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def decide(plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None) -> str:
@@ -1087,11 +1084,11 @@ def drift_check(plan: dict[str, Any], pre: dict[str, Any], post: dict[str, Any] 
 
 
 def _plain(obj: Any) -> Any:
-    """JSON-safe copy (numpy scalars, tuples, dataclasses)."""
+    """JSON-safe copy (numpy scalars, tuples, dataclasses, non-finite floats)."""
     import json
 
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else (
-        o.to_dict() if hasattr(o, "to_dict") else str(o))))
+    return json_safe(json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else (
+        o.to_dict() if hasattr(o, "to_dict") else str(o)))))
 
 
 def report_dir() -> Path:

@@ -92,6 +92,9 @@ class AnalyzeOperator(BaseOperator):
                 f"waiting to look again at step {self.step_index} failed: "
                 f"{(event or {}).get('error_type', 'error')}: {(event or {}).get('message')}"
             )
+        carry = event.get("carry") or {}
+        if carry:  # the trigger hands the loop's state back (next_kwargs may be replaced by the event)
+            look, history, looks = int(carry["look"]), carry.get("history"), carry.get("looks")
         return self._look(context, look=look, history=history, first=False, looks=list(looks or []))
 
     def _look(
@@ -138,6 +141,7 @@ class AnalyzeOperator(BaseOperator):
                 trigger=LookAgainTrigger(
                     plan=plan, pre=pre, generation=inp["generation"], since=iso(look_at),
                     seconds=(next_at - look_at).total_seconds(),
+                    carry={"look": look, "history": hist, "looks": looks},
                 ),
                 method_name="look_again",
                 kwargs={"look": look, "history": hist, "looks": looks},

@@ -237,10 +237,19 @@ class LookAgainTrigger(BaseTrigger):
     :param generation: route generation whose lease to renew.
     :param since: ISO time the wait is measured from (the last look).
     :param seconds: how long to wait.
+    :param carry: JSON state handed back unchanged in the event (the analyze loop's look index and
+        history), so the resumed task does not depend on how the scheduler merges ``next_kwargs``.
     """
 
     def __init__(
-        self, *, plan: dict[str, Any], pre: dict[str, Any], generation: int, since: str, seconds: float
+        self,
+        *,
+        plan: dict[str, Any],
+        pre: dict[str, Any],
+        generation: int,
+        since: str,
+        seconds: float,
+        carry: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.plan = plan
@@ -248,13 +257,14 @@ class LookAgainTrigger(BaseTrigger):
         self.generation = int(generation)
         self.since = since
         self.seconds = float(seconds)
+        self.carry = carry
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Classpath and the exact ``__init__`` keyword arguments."""
         return (
             f"{_CLASSPATH}.LookAgainTrigger",
             {"plan": self.plan, "pre": self.pre, "generation": self.generation, "since": self.since,
-             "seconds": self.seconds},
+             "seconds": self.seconds, "carry": self.carry},
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -271,6 +281,6 @@ class LookAgainTrigger(BaseTrigger):
             left = (end - utcnow()).total_seconds()
             if left <= 0:
                 # The planned time, not now: a replayed look uses the same window.
-                yield TriggerEvent({"status": "ok", "look_at": iso(end)})
+                yield TriggerEvent({"status": "ok", "look_at": iso(end), "carry": self.carry})
                 return
             await asyncio.sleep(min(left, max(1.0, runtime.hold_settings(self.plan).poll_interval_s)))
