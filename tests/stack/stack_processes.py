@@ -98,22 +98,22 @@ class ProcessGroup:
             if process.popen.poll() is not None:
                 raise AssertionError(f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}")
 
-    def stop(self, name: str, grace: float = 15.0) -> None:
-        process = self.processes[name]
-        if process.popen.poll() is None:
-            _signal_group(process.popen.pid, signal.SIGTERM)
+    def stop_all(self, grace: float = 15.0) -> None:
+        """SIGTERM every started process group at once, wait up to ``grace`` seconds, then SIGKILL the groups
+        (LocalExecutor task processes and uvicorn workers share their parent's group, so none is left)."""
+        for process in self.processes.values():
+            if process.popen.poll() is None:
+                _signal_group(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
             try:
-                process.popen.wait(timeout=grace)
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        # Children (LocalExecutor workers, uvicorn workers) share the group: make sure none is left.
-        _signal_group(process.popen.pid, signal.SIGKILL)
-        if process.popen.poll() is None:
-            process.popen.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in reversed(list(self.processes)):
-            self.stop(name)
+        for process in self.processes.values():
+            _signal_group(process.popen.pid, signal.SIGKILL)
+            if process.popen.poll() is None:
+                process.popen.wait(timeout=10)
 
     def report(self) -> str:
         return "\n\n".join(f"--- {p.name} ({p.popen.poll()}) ---\n{p.tail()}" for p in self.processes.values())
@@ -157,7 +157,8 @@ class LocalPorts:
 
 
 def airflow_environment(compose_service: Mapping[str, Any], values: Mapping[str, str], *, home: Path,
-                        ports: LocalPorts, prediction_log: Mapping[str, Any]) -> dict[str, str]:
+                        ports: LocalPorts, prediction_log: Mapping[str, Any],
+                        rollouts_dir: Path) -> dict[str, str]:
     """The Airflow service's compose environment, interpolated with ``values``, made local.
 
     Only the keys in ``local`` below change; each must exist in the compose environment, so this cannot
@@ -180,6 +181,7 @@ def airflow_environment(compose_service: Mapping[str, Any], values: Mapping[str,
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(ports.scheduler_health),
         "AIRFLOW_CONN_CANARY_GATEWAY": json.dumps(gateway_conn),
         "AIRFLOW_CONN_CANARY_PREDICTION_LOG": json.dumps(log_conn),
+        "CANARY_ROLLOUTS_DIR": str(rollouts_dir),
         "CANARY_REPORT_DIR": str(home / "reports"),
         "PYTHONPATH": f"{REPO / 'include'}:{REPO / 'plugins'}",
     }

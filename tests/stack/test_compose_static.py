@@ -134,6 +134,9 @@ def test_start_order_waits_for_health_and_for_the_one_shots(services):
     assert needs("gateway")["demo-models"] == "service_completed_successfully"
     assert needs("gateway")["postgres"] == "service_healthy"
     assert needs("simulator") == {"gateway": "service_healthy"}
+    # The simulator only sends to loopback: it lives in the gateway's network namespace.
+    assert services["simulator"]["network_mode"] == "service:gateway"
+    assert "--url http://127.0.0.1:8808" in services["simulator"]["command"]
     # No cycles, no unknown services.
     seen: dict[str, int] = {}
 

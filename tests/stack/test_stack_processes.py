@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _secret_values() -> dict[str, str]:
         "AIRFLOW_API_PORT": "8080",
         "GATEWAY_PORT": "8808",
         "SIMULATOR_MODEL": MODEL,
-        "SIMULATOR_RATE": "40",
+        "SIMULATOR_RATE": "50",
         "SIMULATOR_DURATION": "300",
     }
 
@@ -141,8 +142,14 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 
 def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
+    # The project's fraud spec with hold windows of seconds (the demo's copy): a user's own spec folder.
+    from canary_demo.scenario import write_demo_spec
+
+    rollouts = home / "rollouts"
+    write_demo_spec(rollouts)
     env = {
-        name: airflow_environment(compose[name], values, home=home, ports=ports, prediction_log=log_conn)
+        name: airflow_environment(compose[name], values, home=home, ports=ports, prediction_log=log_conn,
+                                  rollouts_dir=rollouts)
         for name in ("airflow-init", *AIRFLOW_SERVICES)
     }
     # One JWT secret (and one everything else) for every Airflow process, exactly as in the compose file.
@@ -179,12 +186,22 @@ def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
     substitutions = {"http://localhost:8080": f"http://127.0.0.1:{ports.api}",
                      "http://localhost:8974": f"http://127.0.0.1:{ports.scheduler_health}",
                      "http://localhost:8808": f"http://127.0.0.1:{ports.gateway}",
-                     "http://gateway:8808": f"http://127.0.0.1:{ports.gateway}"}
-    for name in (*AIRFLOW_SERVICES, "gateway"):
+                     "http://127.0.0.1:8808": f"http://127.0.0.1:{ports.gateway}"}
+    def healthy(name: str) -> None:
         check = compose[name]["healthcheck"]["test"]
-        wait_for(lambda check=check, name=name: run_healthcheck(
-                     check, env.get(name, _plain_env(home)), substitutions).returncode == 0,
-                 timeout=150, interval=2, what=f"the {name} healthcheck {check}", group=group)
+        wait_for(lambda: run_healthcheck(check, env.get(name, _plain_env(home)), substitutions).returncode == 0,
+                 timeout=150, interval=1, what=f"the {name} healthcheck {check}", group=group)
+
+    with ThreadPoolExecutor(max_workers=5) as pool:  # the checks are independent: wait for them together
+        for future in [pool.submit(healthy, name) for name in (*AIRFLOW_SERVICES, "gateway")]:
+            future.result()
+    # 5. The simulator (its compose profile): traffic and label feedback for the rollout to judge.
+    simulator_argv = local_executable(command_argv(compose["simulator"], values))
+    simulator_argv = replace_option(simulator_argv, "--url", stack_gateway_url(ports))
+    group.start("simulator", simulator_argv, _plain_env(home))
+    sim_check = compose["simulator"]["healthcheck"]["test"]
+    assert run_healthcheck(sim_check, _plain_env(home), substitutions).returncode == 0
+
     pg_env = {**_plain_env(home), "POSTGRES_USER": log_conn["login"], "POSTGRES_PASSWORD": log_conn["password"],
               "CANARY_PREDICTION_DB": log_conn["schema"]}
     pg_check = run_healthcheck(compose["postgres"]["healthcheck"]["test"], pg_env, {})
@@ -193,6 +210,10 @@ def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
     return Stack(group=group, home=home, ports=ports, admin_user=values["AIRFLOW_ADMIN_USER"],
                  admin_password=values["AIRFLOW_ADMIN_PASSWORD"], gateway_token=values["CANARY_GATEWAY_TOKEN"],
                  prediction_db_url=db_url)
+
+
+def stack_gateway_url(ports: LocalPorts) -> str:
+    return f"http://127.0.0.1:{ports.gateway}"
 
 
 def _plain_env(home: Path) -> dict[str, str]:
@@ -233,9 +254,25 @@ def test_the_rollout_dags_are_parsed_without_import_errors(stack):
     assert dag
     errors = _get(stack, token, "/api/v2/importErrors").json()
     assert errors["total_entries"] == 0, errors
-    specs = sorted(p.stem for p in (REPO / "include" / "rollouts").glob("*.yaml"))
+    specs = sorted(p.stem for p in (stack.home / "rollouts").glob("*.yaml"))
     listed = {d["dag_id"] for d in _get(stack, token, "/api/v2/dags", limit=100).json()["dags"]}
     assert {f"canary_rollout__{s}" for s in specs} <= listed
+
+
+def _log_events(stack: Stack, token: str, run_id: str, task: dict) -> list[str]:
+    """The task's log as event strings, read through the REST API (what the UI's log view shows)."""
+    answer = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task['task_id']}"
+                  f"/logs/{max(task['try_number'], 1)}", full_content="true")
+    assert answer.status_code == 200, answer.text
+    return [str(item.get("event", "")) if isinstance(item, dict) else str(item)
+            for item in answer.json()["content"]]
+
+
+def _decision_records(stack: Stack, token: str, run_id: str, tasks: dict[str, dict]) -> dict[str, list[str]]:
+    """Every decision record written to the ``step_<i>.analyze`` task logs, per task."""
+    return {task_id: [e for e in _log_events(stack, token, run_id, ti) if "DECISION:" in e]
+            for task_id, ti in sorted(tasks.items())
+            if task_id.endswith(".analyze") and ti["state"] not in ("skipped", None)}
 
 
 def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
@@ -246,33 +283,62 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     unpaused = requests.patch(f"{stack.api}/api/v2/dags/{DAG_ID}", json={"is_paused": False}, headers=headers,
                               timeout=15)
     assert unpaused.status_code == 200, unpaused.text
-
     route_before = requests.get(f"{stack.gateway}/v1/models/{MODEL}/route", timeout=5).json()
-    conf = {"candidate": "v2", "steps": [25, 50], "hold_min_duration": "15s", "hold_min_samples": 100,
-            "hold_max_wait": "90s"}
-    # The body the trigger form sends: no logical date for a manual rollout, the params as conf.
+    assert route_before["stable"] == "v1" and route_before["canary_percent"] == 0, route_before
+
+    # What the trigger form does: read the DAG's params, start from their defaults, change some fields
+    # (the good candidate, two traffic steps, short holds; margins left at the spec's), send all of them.
+    details = _get(stack, token, f"/api/v2/dags/{DAG_ID}/details")
+    assert details.status_code == 200, details.text
+    form = {name: (param.get("value") if isinstance(param, dict) and "value" in param else param)
+            for name, param in (details.json()["params"] or {}).items()}
+    assert set(form) == {"candidate", "steps", "hold_min_duration", "hold_min_samples", "hold_max_wait",
+                         "margins"}, form
+    conf = {**form, "candidate": "v2", "steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150}
     created = requests.post(f"{stack.api}/api/v2/dags/{DAG_ID}/dagRuns", headers=headers, timeout=15,
                             json={"logical_date": None, "conf": conf, "note": "stack test"})
     assert created.status_code == 200, created.text
     run_id = created.json()["dag_run_id"]
-    assert created.json()["conf"] == conf
+    assert created.json()["conf"] == conf and created.json()["run_type"] == "manual"
 
+    # Followed through the API only, as a client script would.
     started = time.monotonic()
     run = wait_for(lambda: (lambda r: r if r["state"] in ("success", "failed") else None)(
                        _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()),
-                   timeout=240, interval=3, what=f"run {run_id} to finish", group=stack.group)
+                   timeout=230, interval=3, what=f"run {run_id} to finish", group=stack.group)
+    elapsed = time.monotonic() - started
     tasks = {ti["task_id"]: ti for ti in _get(
         stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", limit=100).json()["task_instances"]}
-    summary = {task_id: ti["state"] for task_id, ti in tasks.items()}
-    assert run["state"] == "success", f"run ended {run['state']} after {time.monotonic() - started:.0f}s: {summary}"
-    assert summary["promote"] == "success", summary
+    states = {task_id: ti["state"] for task_id, ti in tasks.items()}
+    records = _decision_records(stack, token, run_id, tasks)
+    last_records = {task_id: found[-1] for task_id, found in records.items() if found}
+    outcome = (f"run ended {run['state']} after {elapsed:.0f}s; tasks: {states}\n"
+               + "\n\n".join(f"--- last decision record in {t} ---\n{r}" for t, r in last_records.items()))
 
+    assert run["state"] == "success", outcome
+    for task_id in ("validate", "preflight", "promote", "post_deploy_hold", "drift_check", "report"):
+        assert states[task_id] == "success", outcome
+    assert states["rollback"] == "skipped", outcome
+    # The decision record is in the task log, readable through the API: the last look said PROMOTE.
+    assert last_records, outcome
+    assert "DECISION: PROMOTE" in list(last_records.values())[-1], outcome
+
+    # The gateway now serves the candidate as stable, no canary share, and the registry says so.
     route = requests.get(f"{stack.gateway}/v1/models/{MODEL}/route", timeout=5).json()
-    assert route["stable"] == "v2" and route["canary"] in (None, route_before["stable"]), route
-    assert route["canary_percent"] == 0 and route["generation"] > route_before["generation"], route
+    assert route["stable"] == "v2" and route["canary_percent"] == 0, route
+    assert route["generation"] > route_before["generation"], route
+    version = requests.get(f"{stack.gateway}/v1/models/{MODEL}/versions/v2", timeout=5).json()
+    assert version["stage"] == "production", version
 
-    log = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/step_2.analyze/logs/1",
-               full_content="true")
-    assert log.status_code == 200, log.text
-    assert "promote" in log.text.lower(), log.text[-2000:]
-    assert stack.gateway_token not in log.text
+    # The HTML report the run wrote, found through the report task's XCom.
+    xcom = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/report/xcomEntries/"
+                "return_value")
+    assert xcom.status_code == 200, xcom.text
+    value = xcom.json()["value"]
+    report = Path((json.loads(value) if isinstance(value, str) else value)["path"])
+    assert report.parent == stack.home / "reports" and report.is_file(), report
+    assert "<html" in report.read_text()[:2000].lower()
+
+    # No secret in what the API shows of the run.
+    shown = json.dumps(records) + json.dumps(tasks)
+    assert stack.gateway_token not in shown and stack.admin_password not in shown
