@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -72,6 +73,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(gateway.start)
+        # Everything loaded so far (libraries, models) lives for the whole process: move it out of the garbage
+        # collector's generations so full collections stay short on the request path.
+        gc.collect()
+        gc.freeze()
         lease_task = asyncio.create_task(_lease_loop())
         try:
             yield
