@@ -321,14 +321,19 @@ def _report(dag_steps: int, **context: Any) -> dict[str, Any]:
     )
 
 
+def _failed_tasks(context: dict[str, Any]) -> list[str]:
+    """Task ids of this run that failed (for the fail-safe's reason); empty when Airflow cannot tell."""
+    ti = context.get("ti")
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])
+    except Exception:
+        return []
+    per_run = states.get(ti.run_id, states) if isinstance(states, dict) else {}
+    return sorted(t for t, s in per_run.items() if str(getattr(s, "value", s)) == "failed")
+
+
 def _fail_safe(spec_path: str, **context: Any) -> None:
-    dag_run = context.get("dag_run")
-    failed = []
-    if dag_run is not None and hasattr(dag_run, "get_task_instances"):
-        try:
-            failed = [ti.task_id for ti in dag_run.get_task_instances(state=["failed"])]
-        except Exception:  # the task SDK's DagRun may not offer it; the reason is then generic
-            failed = []
+    failed = _failed_tasks(context)
     reason = f"failed task(s): {', '.join(failed)}" if failed else "an upstream task failed"
     result = runtime.fail_safe(_pull(context, "validate"), spec_path, reason)
     raise AirflowFailException(
@@ -351,7 +356,8 @@ class _FailSafeCallback:
         try:
             ti = context.get("ti") or context.get("task_instance")
             plan = ti.xcom_pull(task_ids="validate") if ti is not None else None
-        except Exception:
+        except Exception as exc:  # the fail-safe still works from the spec file alone
+            log.warning("fail-safe callback could not read the plan from XCom (%s); using %s", exc, self.spec_path)
             plan = None
         try:
             runtime.fail_safe(plan, self.spec_path, str(context.get("reason") or "the run failed"))

@@ -1,0 +1,149 @@
+"""The rollout DAG's control flow under each verdict, run with ``dag.test()`` in Airflow itself.
+
+What is real: the DAG file, the factory, Airflow's scheduler logic in ``dag.test()`` (branching, skips,
+trigger rules, run state, the metadata database). What is replaced: the bodies behind the DAG's one seam,
+``canary.runtime`` and the hold/analyze operators' ``execute``, by recorders that return a scripted verdict
+per step. The real bodies need a gateway and a prediction log; they are exercised end to end by the
+runtime's own tests. This file answers one question: for every verdict, does the run take the right path,
+touch traffic only after validation, and end in the right state?
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+from canary import dag_factory, runtime
+from canary.operators import AnalyzeOperator
+from canary.sensors import HoldSensor, PostDeployHoldSensor
+
+SPEC = "model: wire\nsteps: [5, 50]\non_inconclusive: pause\n"
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from airflow.utils.db import initdb
+
+    folder = tmp_path_factory.mktemp("rollouts")
+    (folder / "wire.yaml").write_text(SPEC)
+    with pytest.MonkeyPatch.context() as mp:
+        # dag.test() re-parses the DAG folder to serialize the DAG; point the DAG file at this spec only.
+        mp.setenv(dag_factory.ROLLOUTS_DIR_ENV, str(folder))
+        initdb()
+        yield folder / "wire.yaml"
+
+
+class Recorder:
+    """Stands in for the runtime bodies: records each call, returns a scripted verdict per step."""
+
+    def __init__(self, decisions: dict[int, str]) -> None:
+        self.decisions = decisions
+        self.calls: list[str] = []
+        self.rollback_verdict: dict[str, Any] | None = None
+        self.fail_safe_calls: list[tuple[Any, Any]] = []  # (plan, reason): the task, then the DAG callback
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        rec = self
+
+        def preflight(plan: dict[str, Any]) -> dict[str, Any]:
+            rec.calls.append("preflight")
+            return {"stable": "v1", "candidate": plan["candidate"], "generation": 1}
+
+        def set_traffic(plan: dict[str, Any], pre: dict[str, Any], i: int, last: Any = None) -> dict[str, Any]:
+            rec.calls.append(f"set_traffic:{plan['spec']['steps'][i - 1]}")
+            return {"route": {"generation": 1 + i}, "step_started_at": "2026-01-01T00:00:00+00:00"}
+
+        def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: Any) -> dict[str, Any]:
+            rec.calls.append("rollback")
+            rec.rollback_verdict = verdict
+            raise AirflowFailException(f"rolled back: {verdict['reason']}")
+
+        def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None) -> dict[str, Any]:
+            rec.calls.append("fail_safe")
+            rec.fail_safe_calls.append((plan, reason))
+            return {"route": None, "reached_gateway": True, "reason": reason}
+
+        mp.setattr(runtime, "preflight", preflight)
+        mp.setattr(runtime, "set_traffic", set_traffic)
+        mp.setattr(runtime, "rollback", rollback)
+        mp.setattr(runtime, "fail_safe", fail_safe)
+        mp.setattr(runtime, "pause", lambda plan, pre, verdict: rec.calls.append("pause") or {})
+        mp.setattr(runtime, "promote", lambda plan, pre, *a: rec.calls.append("promote") or {"stable": "v2"})
+        mp.setattr(runtime, "drift_check", lambda plan, pre, post: rec.calls.append("drift_check") or {})
+        mp.setattr(runtime, "report", lambda plan, **kw: rec.calls.append("report") or {"path": "r.html"})
+
+        def analyze(op: AnalyzeOperator, context: Any) -> dict[str, Any]:
+            decision = rec.decisions[op.step_index]
+            return {"verdict": {"decision": decision, "reason": f"{decision} at step {op.step_index}"}}
+
+        mp.setattr(HoldSensor, "execute", lambda op, context: {"look_at": "2026-01-01T00:10:00+00:00"})
+        mp.setattr(AnalyzeOperator, "execute", analyze)
+        mp.setattr(PostDeployHoldSensor, "execute", lambda op, context: {"look_at": "2026-01-01T01:00:00+00:00"})
+        mp.setattr(dag_factory, "RETRIES", 0)  # a failure is the outcome under test, not a flake
+
+
+def run(spec_path: Path, mp: pytest.MonkeyPatch, decisions: dict[int, str], conf: dict[str, Any]) -> tuple:
+    rec = Recorder(decisions)
+    rec.install(mp)
+    dag = dag_factory.build_dag(spec_path)
+    dag_run = dag.test(run_conf=conf)
+    states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in dag_run.get_task_instances()}
+    return str(getattr(dag_run.state, "value", dag_run.state)), states, rec
+
+
+def test_advance_then_promote(spec_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "promote"}, {"candidate": "v2"})
+    assert state == "success"
+    assert rec.calls == ["preflight", "set_traffic:5", "set_traffic:50", "promote", "drift_check", "report"]
+    for task in ("promote", "post_deploy_hold", "drift_check", "report"):
+        assert states[task] == "success"
+    for task in ("rollback", "pause", "fail_safe", "step_1.to_rollback", "step_2.to_rollback", "step_1.to_promote"):
+        assert states[task] == "skipped"
+
+
+def test_rollback_at_the_first_step_fails_the_run_and_runs_the_fail_safe(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, states, rec = run(spec_path, monkeypatch, {1: "rollback", 2: "promote"}, {"candidate": "v2"})
+    assert state == "failed"
+    assert rec.calls[:3] == ["preflight", "set_traffic:5", "rollback"]
+    assert "set_traffic:50" not in rec.calls and "promote" not in rec.calls
+    assert rec.rollback_verdict == {"decision": "rollback", "reason": "rollback at step 1"}
+    assert states["step_1.to_rollback"] == "success"
+    assert states["rollback"] == "failed"
+    assert states["step_2.set_traffic"] == "skipped" and states["promote"] == "skipped"
+    assert states["fail_safe"] == "failed", "fail_safe secures traffic, then fails so the run is not green"
+    (task_plan, task_reason), (_, callback_reason) = rec.fail_safe_calls
+    assert task_plan["candidate"] == "v2" and "rollback" in task_reason
+    assert callback_reason == "task_failure", "the DAG's on_failure_callback makes traffic safe too"
+    assert states["report"] == "success"
+
+
+def test_inconclusive_at_the_cap_pauses_when_the_spec_says_pause(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "extend"}, {"candidate": "v2"})
+    assert rec.calls == ["preflight", "set_traffic:5", "set_traffic:50", "pause", "report"]
+    assert states["step_2.to_pause"] == "success" and states["pause"] == "success"
+    assert states["rollback"] == "skipped" and states["promote"] == "skipped" and states["fail_safe"] == "skipped"
+    assert state == "success"
+
+
+def test_trigger_params_can_shorten_the_steps(spec_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, states, rec = run(spec_path, monkeypatch, {1: "promote"}, {"candidate": "v2", "steps": [10]})
+    assert state == "success"
+    assert rec.calls == ["preflight", "set_traffic:10", "promote", "drift_check", "report"]
+    assert states["step_1.to_promote"] == "success" and states["promote"] == "success"
+    assert states["step_2.set_traffic"] == "skipped"
+
+
+def test_invalid_trigger_params_touch_no_traffic(spec_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "promote"}, {"candidate": "v2", "steps": [50, 5]})
+    assert state == "failed"
+    assert states["validate"] == "failed"
+    assert "preflight" not in rec.calls and not [c for c in rec.calls if c.startswith("set_traffic")]
+    assert sorted(rec.calls) == ["fail_safe", "fail_safe", "report"]  # the task, the DAG callback, the report
+    assert [plan for plan, _ in rec.fail_safe_calls] == [None, None]
+    assert states["preflight"] == "upstream_failed" and states["fail_safe"] == "failed"
