@@ -687,23 +687,37 @@ def version_count(plan: dict[str, Any], pre: dict[str, Any], *, start: datetime,
 
 
 def circuit_breaker(plan: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict[str, Any] | None:
-    """The always-valid breaker on the error counts of the step so far (critical ``error`` metrics).
+    """The always-valid breaker (mSPRT) on the error counts of the step so far, for critical ``error`` metrics.
+
+    The mixing spread is the scale of harm the spec cares about: the larger of stable's error rate and the
+    metric's margin (absolute, or relative to stable's rate), so a flood of errors trips it within a hold.
 
     :returns: the breaker's finding when it trips, else None.
     """
     spec = _spec(plan)
-    if not (spec.get("circuit_breaker") or {}).get("enabled", True):
+    breaker = spec.get("circuit_breaker") or {}
+    if not breaker.get("enabled", True):
         return None
-    if not any(m.get("source") == "error" and m.get("critical") for m in spec.get("metrics", [])):
+    metrics = [m for m in spec.get("metrics", []) if m.get("source") == "error" and m.get("critical")]
+    if not metrics:
         return None
-    from canary.analysis.gates import circuit_breaker_counts
+    from canary.analysis.gates import circuit_breaker as msprt
 
-    alpha = float((spec.get("circuit_breaker") or {}).get("alpha", 0.001))
     s, c = counts["stable"], counts["canary"]
-    found = circuit_breaker_counts(s["requests"], s["errors"], c["requests"], c["errors"], alpha)
+    ns, nc = int(s["requests"]), int(c["requests"])
+    if ns <= 0 or nc <= 0:
+        return None
+    ps, pc = s["errors"] / ns, c["errors"] / nc
+    pool = (s["errors"] + c["errors"]) / (ns + nc)
+    pool = min(max(pool, 0.5 / (ns + nc)), 1 - 0.5 / (ns + nc))
+    var = pool * (1 - pool) * (1 / ns + 1 / nc)
+    m = metrics[0]
+    margin = float(m.get("margin") or 0.0) * (ps if m.get("margin_type") == "relative" else 1.0)
+    tau = max(ps, margin, 1.0 / ns)
+    found = msprt(pc - ps, var, tau, float(breaker.get("alpha", 0.001)))
     if not found.get("tripped"):
         return None
-    return {**found, "metric": "error", "stable": [s["errors"], s["requests"]], "canary": [c["errors"], c["requests"]]}
+    return {**found, "metric": m["name"], "stable": [s["errors"], ns], "canary": [c["errors"], nc]}
 
 
 # --------------------------------------------------------------------------------------------------------

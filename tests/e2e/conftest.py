@@ -139,8 +139,8 @@ def postgres_store(pg_admin: sa.Engine) -> LogStore:
 class Traffic:
     """The project's simulator in a background thread (requests plus label feedback) until `stop()`."""
 
-    def __init__(self, url: str, model: str = "fraud", rate: float = TRAFFIC_RATE) -> None:
-        self.url, self.model, self.rate = url, model, rate
+    def __init__(self, url: str, model: str = "fraud", rate: float = TRAFFIC_RATE, seed: int = 0) -> None:
+        self.url, self.model, self.rate, self.seed = url, model, rate, seed
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._body, daemon=True, name="e2e-traffic")
@@ -149,8 +149,9 @@ class Traffic:
         import simulator
 
         try:
-            simulator.run(url=self.url, model=self.model, rate=self.rate, duration=None, feedback=True,
-                          stop_event=self._stop)
+            simulator.run(self.url, self.model, rate=self.rate, duration=24 * 3600, units=2000,
+                          label_delay=E2E_TIMINGS["label_delay"] / 2, seed=self.seed, stop_event=self._stop,
+                          flush_feedback=False)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -211,12 +212,18 @@ class Stack:
         finally:
             engine.dispose()
 
-    def run(self, conf: dict[str, Any], *, retries: int | None = 0) -> RunResult:
-        """Trigger the fraud rollout with ``conf`` (the trigger form's values) via dag.test()."""
+    def run(self, conf: dict[str, Any], *, retries: int | None = 0, instrument: Any = None) -> RunResult:
+        """Trigger the fraud rollout with ``conf`` (the trigger form's values) via dag.test().
+
+        :param retries: task retries for this run (0 keeps failure tests fast; None keeps the DAG's).
+        :param instrument: called with the DAG before the run (fault injection).
+        """
         dag = load_dag()
         if retries is not None:
             for task in dag.tasks:
                 task.retries = retries
+        if instrument is not None:
+            instrument(dag)
         started = time.monotonic()
         dr = dag.test(run_conf=conf)
         return read_run(dr, time.monotonic() - started)
