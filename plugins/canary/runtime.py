@@ -476,7 +476,10 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
         if m.get("source") in _LABEL_SOURCES:
             nc, ns = nc * labelled_share, ns * labelled_share
         if m.get("kind") in ("binary", "latency_threshold") and base is not None:
-            var = max(float(base) * (1 - float(base)), 1e-12)
+            # A rate of 0 in the reference window is not a rate of exactly 0: floor it at one event.
+            floor = 1.0 / max(1, int(baseline.get("sampled") or 0))
+            b_ = min(max(float(base), floor), 1 - floor)
+            var = b_ * (1 - b_)
         if var is None or nc < 1 or ns < 1:
             detectable[m["name"]] = {"base": base, "detectable_harm": None,
                                      "note": "no stable data in the reference window"}

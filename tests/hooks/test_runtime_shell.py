@@ -103,3 +103,45 @@ def test_rollback_and_promote_are_idempotent(make_plan, router_conn):
     assert runtime.promote(plan, pre, step)["promoted_at"] == promoted["promoted_at"]  # retry: no second change
     assert hook.get_version("fraud", "v2")["stage"] == "production"
     assert hook.get_version("fraud", "v1")["stage"] == "archived"
+
+
+def test_post_deploy_hold_and_drift_check_after_promotion(make_plan, gateway, router_conn):
+    import asyncio
+    import time
+
+    import requests
+    from canary.triggers.hold import PostDeployHoldTrigger
+
+    def traffic(n, amount):
+        s = requests.Session()
+        for i in range(n):
+            feats = {"amount": amount + i % 7, "hour": 13.0, "account_age_days": 300.0, "tx_last_24h": 2.0,
+                     "merchant_risk": 0.2, "country": 1.0, "distance_km": 5.0}
+            s.post(f"{gateway.url}/v1/models/fraud/predict", json={"unit_id": f"u{i}", "features": feats},
+                   timeout=10).raise_for_status()
+
+    traffic(80, 40.0)
+    time.sleep(0.5)
+    plan = make_plan({"candidate": "v2", "steps": [50]},
+                     post_deploy={"window": 1, "min_samples": 30}, drift={"features": "all", "bins": 5,
+                                                                           "psi_floor": 0.1, "sample_size": 1000})
+    pre = runtime.preflight(plan)
+    assert pre["baseline"]["requests"] == 80 and pre["baseline"]["latency_p95_ms"] > 0
+    step = runtime.set_traffic(plan, pre, 1, None)
+    promoted = runtime.promote(plan, pre, step)
+    traffic(60, 4000.0)  # the inputs moved: amounts a hundred times larger than in the reference window
+    time.sleep(0.5)
+
+    async def first(trigger):
+        async for event in trigger.run():
+            return event.payload
+
+    event = asyncio.run(asyncio.wait_for(first(PostDeployHoldTrigger(
+        plan=plan, pre=pre, promoted_at=promoted["promoted_at"], poll_interval=0.3)), 30))
+    assert event["status"] == "ok" and event["reason"] == "min_reached"
+    assert event["counts"]["stable"]["requests"] >= 60
+    post = {**event, "window": [promoted["promoted_at"], event["look_at"]]}
+    drift = runtime.drift_check(plan, pre, post)
+    assert drift["reference_rows"] == 80 and drift["current_rows"] >= 60
+    assert "amount" in drift["drifted"], drift
+    assert "hour" not in drift["drifted"]
