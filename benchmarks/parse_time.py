@@ -13,6 +13,8 @@ file must stay cheap. This benchmark, in one run:
    driver in ``sys.modules``, SQLAlchemy engines created, sockets connected.
 
 Target: at most 0.5 s added for 50 specs, and nothing heavy touched. Exit status 1 when a target is missed.
+The target is checked on the CPU time of the parsing process (``time.process_time``), which other jobs on a
+shared machine inflate far less than wall time; wall times are printed next to it.
 
 Run: ``PYTHONPATH=include:plugins .venv/bin/python benchmarks/parse_time.py [--specs 50] [--repeat 7]``
 """
@@ -36,18 +38,18 @@ TARGET_ADDED_S = 0.5
 
 BASELINE_CODE = """
 import time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import airflow.sdk  # noqa: F401
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 import json
-print(json.dumps({"sdk_s": t1 - t0}))
+print(json.dumps({"sdk_s": t1 - t0, "sdk_cpu": c1 - c0}))
 """
 
 DAG_CODE = """
 import json, runpy, socket, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import airflow.sdk  # noqa: F401
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 
 # Count what parsing the DAG file touches (installed after airflow.sdk so only the DAG file is counted).
 engines, connects = [], []
@@ -64,16 +66,18 @@ def _counting_connect(self, address):
 socket.socket.connect = _counting_connect
 before = set(sys.modules)
 
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 namespace = runpy.run_path(DAG_FILE)
-t3 = time.perf_counter()
+t3, c3 = time.perf_counter(), time.process_time()
+hook_cpu = c2 - c1  # installing the counters above; not part of either measurement
 
 dags = sorted(k for k in namespace if k.startswith("canary_rollout__"))
 broken = [k for k in dags if "broken-spec" in namespace[k].tags]
 tasks = sum(len(namespace[k].tasks) for k in dags)
 new = sorted({m.split(".")[0] for m in set(sys.modules) - before})
 print(json.dumps({
-    "sdk_s": t1 - t0, "total_s": t3 - t0, "dag_file_s": t3 - t2, "dags": len(dags), "broken": broken,
+    "sdk_s": t1 - t0, "total_s": t3 - t0 - (t2 - t1), "dag_file_s": t3 - t2,
+    "sdk_cpu": c1 - c0, "total_cpu": c3 - c0 - hook_cpu, "dag_file_cpu": c3 - c2, "dags": len(dags), "broken": broken,
     "tasks": tasks, "heavy": [m for m in HEAVY if m in sys.modules], "engines": engines, "connects": connects,
     "new_top_level_modules": new,
 }))
@@ -115,7 +119,12 @@ def generate_specs(folder: Path, n: int) -> None:
 def run(code: str, env: dict[str, str]) -> dict:
     prelude = f"DAG_FILE = {str(DAG_FILE)!r}\nHEAVY = {HEAVY!r}\n"
     out = subprocess.run(
-        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", prelude + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     if out.returncode != 0:
         raise SystemExit(f"benchmark subprocess failed:\n{out.stderr[-4000:]}")
@@ -140,7 +149,9 @@ def main() -> int:
                 "AIRFLOW_HOME": str(tmp_path / "airflow_home"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "GX_ANALYTICS_ENABLED": "False",
-                "PYTHONPATH": os.pathsep.join([str(REPO / "include"), str(REPO / "plugins"), env.get("PYTHONPATH", "")]),
+                "PYTHONPATH": os.pathsep.join(
+                    [str(REPO / "include"), str(REPO / "plugins"), env.get("PYTHONPATH", "")]
+                ),
             }
         )
         run(BASELINE_CODE, env)  # warm the OS file cache once; not counted
@@ -149,19 +160,32 @@ def main() -> int:
             baseline.append(run(BASELINE_CODE, env))
             dag.append(run(DAG_CODE, env))
 
-    sdk_alone = statistics.median(r["sdk_s"] for r in baseline)
-    total = statistics.median(r["total_s"] for r in dag)
-    dag_file = statistics.median(r["dag_file_s"] for r in dag)
-    added = total - sdk_alone
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    sdk_wall, sdk_cpu = med(baseline, "sdk_s"), med(baseline, "sdk_cpu")
+    total_wall, total_cpu = med(dag, "total_s"), med(dag, "total_cpu")
+    added_wall, added_cpu = total_wall - sdk_wall, total_cpu - sdk_cpu
+    file_wall, file_cpu = med(dag, "dag_file_s"), med(dag, "dag_file_cpu")
     last = dag[-1]
-    per_spec_ms = 1000 * dag_file / max(1, args.specs)
+    n = max(1, args.specs)
 
     print(f"specs generated:                       {args.specs} ({last['dags']} DAGs, {last['tasks']} tasks)")
-    print(f"repetitions (fresh processes):         {args.repeat}, medians below")
-    print(f"import airflow.sdk alone:              {sdk_alone:.3f} s")
-    print(f"import airflow.sdk + the DAG file:     {total:.3f} s  (ratio {total / sdk_alone:.2f}x)")
-    print(f"added by the DAG file (end to end):    {added:.3f} s  (target <= {TARGET_ADDED_S} s)")
-    print(f"DAG file alone after airflow.sdk:      {dag_file:.3f} s  ({per_spec_ms:.1f} ms per spec)")
+    print(
+        f"repetitions (fresh processes):         {args.repeat}, medians; CPU time of the process, wall in ()"
+    )
+    print(f"import airflow.sdk alone:              {sdk_cpu:.3f} s  ({sdk_wall:.3f} s)")
+    print(
+        f"import airflow.sdk + the DAG file:     {total_cpu:.3f} s  ({total_wall:.3f} s), "
+        f"ratio {total_cpu / sdk_cpu:.2f}x"
+    )
+    print(
+        f"added by the DAG file (end to end):    {added_cpu:.3f} s  ({added_wall:.3f} s), target <= {TARGET_ADDED_S} s"
+    )
+    print(
+        f"DAG file alone after airflow.sdk:      {file_cpu:.3f} s  ({file_wall:.3f} s), "
+        f"{1000 * file_cpu / n:.1f} ms per spec"
+    )
     print(f"heavy modules imported:                {last['heavy'] or 'none'}")
     print(f"SQLAlchemy engines created:            {len(last['engines'])}")
     print(f"sockets connected:                     {len(last['connects'])}")
@@ -170,8 +194,8 @@ def main() -> int:
     failures = []
     if last["dags"] != args.specs or last["broken"]:
         failures.append(f"expected {args.specs} valid DAGs, got {last['dags']} (broken: {last['broken']})")
-    if added > TARGET_ADDED_S:
-        failures.append(f"the DAG file adds {added:.3f} s > {TARGET_ADDED_S} s")
+    if added_cpu > TARGET_ADDED_S:
+        failures.append(f"the DAG file adds {added_cpu:.3f} s of CPU time > {TARGET_ADDED_S} s")
     if any(r["heavy"] for r in dag):
         failures.append(f"heavy modules at parse time: {sorted({m for r in dag for m in r['heavy']})}")
     if any(r["engines"] for r in dag):

@@ -34,7 +34,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
-from airflow.sdk import DAG, Asset, Param, TaskGroup, TriggerRule
+from airflow.sdk import DAG, Asset, Param, TaskGroup, TriggerRule, get_parsing_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from canary import runtime
@@ -103,6 +103,10 @@ def build_dags(folder: str | Path) -> dict[str, DAG]:
     by_id: dict[str, list[Path]] = {}
     for path in paths:
         by_id.setdefault(_dag_id_for_file(path), []).append(path)
+    # A worker starting a task parses the file for one DAG only (Airflow's parsing context): build just it.
+    wanted = get_parsing_context().dag_id
+    if wanted and wanted in by_id:
+        by_id = {wanted: by_id[wanted]}
     dags: dict[str, DAG] = {}
     for dag_id, group in by_id.items():
         if len(group) > 1:

@@ -18,7 +18,7 @@ from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.serialization.serialized_objects import DagSerialization
 from canary import runtime
-from canary.dag_factory import BROKEN_TAG, ROLLOUTS_DIR_ENV, branch_target
+from canary.dag_factory import BROKEN_TAG, ROLLOUTS_DIR_ENV, branch_target, build_dags
 from canary.operators import AnalyzeOperator
 from canary.sensors import HoldSensor, PostDeployHoldSensor
 from canary.spec import PARAM_KEYS, RolloutSpec, load_spec
@@ -238,6 +238,26 @@ def test_broken_spec_breaks_only_its_own_dag(monkeypatch: pytest.MonkeyPatch, tm
         with pytest.raises(AirflowFailException, match=fragment):
             dag.get_task("spec_error").python_callable()
         DagSerialization.to_dict(dag)
+
+
+def test_worker_parse_builds_only_the_dag_of_its_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With Airflow's parsing context set (a worker starting a task) only that DAG is built."""
+    dag_id = sorted(SPECS)[0]
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", dag_id)
+    assert list(build_dags(ROLLOUTS)) == [dag_id]
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "some_other_dag")
+    assert set(build_dags(ROLLOUTS)) == set(SPECS)
+
+
+def test_tasks_see_the_dag_params_at_run_time(bag: DagBag) -> None:
+    """The form is attached after the tasks (parse speed); Airflow still merges it into every task's params."""
+    from airflow.sdk.definitions.param import process_params
+
+    for dag_id in SPECS:
+        dag = bag.dags[dag_id]
+        for task in dag.tasks:
+            params = process_params(dag, task, {"candidate": "v2"}, suppress_exception=False)
+            assert set(params) == set(PARAM_KEYS) and params["candidate"] == "v2"
 
 
 def test_missing_spec_folder_gives_no_dags_and_no_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
