@@ -66,7 +66,7 @@ class Process:
     log: Path
     popen: subprocess.Popen[bytes]
 
-    def tail(self, lines: int = 40) -> str:
+    def tail(self, lines: int = 15) -> str:
         """The last lines of its output, for failure messages."""
         try:
             text = self.log.read_text(errors="replace").splitlines()

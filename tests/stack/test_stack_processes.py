@@ -47,6 +47,7 @@ pytestmark = pytest.mark.timeout(360)
 
 DAG_ID = "canary_rollout__fraud"
 MODEL = "fraud"
+RUN_TIMEOUT = 260  # seconds for the rollout run itself; start-up takes about 40 s more
 AIRFLOW_SERVICES = ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
 
 
@@ -301,24 +302,29 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     run_id = created.json()["dag_run_id"]
     assert created.json()["conf"] == conf and created.json()["run_type"] == "manual"
 
-    # Followed through the API only, as a client script would.
+    # Followed through the API only, as a client script would. The whole module stays under 6 minutes.
     started = time.monotonic()
-    run = wait_for(lambda: (lambda r: r if r["state"] in ("success", "failed") else None)(
-                       _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()),
-                   timeout=230, interval=3, what=f"run {run_id} to finish", group=stack.group)
+    run: dict = {}
+    while time.monotonic() - started < RUN_TIMEOUT:
+        stack.group.check_running()
+        run = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()
+        if run["state"] in ("success", "failed"):
+            break
+        time.sleep(3)
     elapsed = time.monotonic() - started
     tasks = {ti["task_id"]: ti for ti in _get(
         stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", limit=100).json()["task_instances"]}
-    states = {task_id: ti["state"] for task_id, ti in tasks.items()}
+    states = {task_id: ti["state"] for task_id, ti in tasks.items() if ti["state"] != "skipped"}
     records = _decision_records(stack, token, run_id, tasks)
     last_records = {task_id: found[-1] for task_id, found in records.items() if found}
-    outcome = (f"run ended {run['state']} after {elapsed:.0f}s; tasks: {states}\n"
+    outcome = (f"run {run_id} is {run.get('state')} after {elapsed:.0f}s (limit {RUN_TIMEOUT}s); "
+               f"tasks not skipped: {states}\n"
                + "\n\n".join(f"--- last decision record in {t} ---\n{r}" for t, r in last_records.items()))
 
     assert run["state"] == "success", outcome
     for task_id in ("validate", "preflight", "promote", "post_deploy_hold", "drift_check", "report"):
-        assert states[task_id] == "success", outcome
-    assert states["rollback"] == "skipped", outcome
+        assert states.get(task_id) == "success", outcome
+    assert "rollback" not in states, outcome
     # The decision record is in the task log, readable through the API: the last look said PROMOTE.
     assert last_records, outcome
     assert "DECISION: PROMOTE" in list(last_records.values())[-1], outcome
