@@ -99,6 +99,7 @@ class Gateway:
                 except NoRoute as exc:
                     log.warning("%s", exc)
             for route in self._routes.values():
+                self.metrics.canary_percent.labels(route.model).set(route.canary_percent)
                 for version in (route.stable, route.canary):
                     if version is not None and self.registry.has_model(route.model):
                         try:
