@@ -402,7 +402,6 @@ def build_dag(spec_path: str | Path) -> DAG:
         default_args=default_args,
         tags=_tags(spec),
         on_failure_callback=_FailSafeCallback(path),
-        is_paused_upon_creation=True,
     ) as dag:
         validate = PythonOperator(
             task_id="validate",
@@ -544,7 +543,6 @@ def build_broken_dag(spec_path: str | Path, message: str) -> DAG:
         max_active_runs=1,
         tags=["canary", BROKEN_TAG],
         default_args={"retries": 0},
-        is_paused_upon_creation=True,
     ) as dag:
         # a partial, not op_kwargs: op_kwargs are Jinja-templated and the message may contain "{{"
         PythonOperator(task_id="spec_error", python_callable=functools.partial(_spec_error, message))

@@ -50,6 +50,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Metric names become DataFrame columns and SQL aliases: lower-case identifiers only.
 METRIC_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: Airflow connection ids.
+#: Feature names (drift.features): read from the logged features JSON by name.
+FEATURE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_.:/ -]{1,100}$")
 EMAIL_RE = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
@@ -971,7 +973,13 @@ def _build(
     features = _get(d_raw, "features", "all")
     if isinstance(features, list) and features:
         names = [
-            r.text(f"drift.features[{i}]", f, what="feature name", allow_empty=False)
+            r.text(
+                f"drift.features[{i}]",
+                f,
+                pattern=FEATURE_RE,
+                what="feature name",
+                fix="use the feature's name as in the model's metadata (letters, digits, '_', '.', '-')",
+            )
             for i, f in enumerate(features)
         ]
         features = tuple(names) if _BAD not in names else _BAD

@@ -297,6 +297,12 @@ CASES = {
         "model: demo\nnotifications: {email: [ops-at-example]}\n", None, False,
         ("demo.yaml", "notifications.email[0]", "is not a valid e-mail address"),
     ),
+    "drift-feature-name-unsafe": (
+        "model: demo\ndrift: {features: [amount, \"x'); drop table predictions; --\"]}\n",
+        None,
+        False,
+        ("demo.yaml", "drift.features[1]", "is not a valid feature name"),
+    ),
     "conf-unknown-param": (
         None, {"candiate": "v2"}, False,
         ("demo.yaml (trigger params)", "params.candiate", "unknown trigger param 'candiate'"),
