@@ -74,8 +74,7 @@ class RolloutResult:
         """``promoted``, ``rolled_back`` or ``failed`` as seen from the task states."""
         if self.task_states.get("promote") == "success" and self.state == "success":
             return "promoted"
-        ran_rollback = self.task_states.get("rollback") in {"success", "failed"}
-        if ran_rollback and any(look.decision == "rollback" for look in self.looks):
+        if self.task_states.get("rollback") in {"success", "failed"}:
             return "rolled_back"
         return "failed"
 
@@ -280,8 +279,13 @@ def check(result: RolloutResult, stable_before: str) -> list[str]:
             problems.append(f"a rolled-back run must end failed (with its reason); it ended {result.state}")
         if route.get("stable") != stable_before:
             problems.append(f"the route's stable changed to {route.get('stable')} (expected {stable_before})")
-        if not result.looks or result.looks[-1].decision != "rollback" or not result.looks[-1].reason:
-            problems.append("the last analysis did not decide rollback with a reason")
+        last = result.looks[-1] if result.looks else None
+        if last is None or last.decision != "rollback" or not last.reason:
+            problems.append(
+                "the judge did not decide rollback on evidence"
+                + (f" (the last look said {last.decision}: {last.reason}; the rollback came from the spec's "
+                   "on_inconclusive at the cap)" if last is not None and result.outcome == "rolled_back" else "")
+            )
     if float(route.get("canary_percent") or 0) != 0.0:
         problems.append(f"the canary still has {route.get('canary_percent')} % of the traffic after the run")
     if not result.report_path or not Path(result.report_path).is_file():

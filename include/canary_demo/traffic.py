@@ -56,7 +56,7 @@ class Traffic:
             try:
                 self._result = simulator.run(
                     self.url, self.model, rate=self.rate, duration=24 * 3600, units=self.units,
-                    label_delay=self.label_delay, seed=self.seed, stop_event=self._stop,
+                    label_delay=self.label_delay, seed=self.seed, stop_event=self._stop, flush_feedback=False,
                 )
             except BaseException as exc:  # reported by check() and stop()
                 self._error = exc

@@ -86,10 +86,16 @@ def test_check_flags_every_unexpected_outcome(tmp_path):
     r = _result(tmp_path, bad, state="success", decision="promote", promote_state="success",
                 route={"stable": bad.candidate, "canary": None, "canary_percent": 0})
     assert any("to be rolled back" in p for p in check(r, "v2"))
-    # a run that failed on an error (not a rollback decision) is not a rollback
+    # rolled back at the cap (inconclusive), not on evidence
     r = _result(tmp_path, bad, state="failed", decision="extend", promote_state=None,
                 route={"stable": "v2", "canary": bad.candidate, "canary_percent": 0})
-    assert r.outcome == "failed" and check(r, "v2")
+    r.task_states["rollback"] = "failed"
+    assert r.outcome == "rolled_back"
+    assert any("did not decide rollback on evidence" in p and "on_inconclusive" in p for p in check(r, "v2"))
+    # a run that failed on an error, without a rollback
+    r.task_states.pop("rollback")
+    r.task_states["preflight"] = "failed"
+    assert r.outcome == "failed" and any("outcome failed" in p for p in check(r, "v2"))
     # traffic left on the canary, no report
     r = _result(tmp_path, bad, state="failed", decision="rollback", promote_state=None, report=False,
                 route={"stable": "v2", "canary": bad.candidate, "canary_percent": 10})
