@@ -19,6 +19,7 @@ from canary import dag_factory, runtime
 from canary.operators import AnalyzeOperator
 from canary.sensors import HoldSensor, PostDeployHoldSensor
 
+DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "canary_rollouts.py"
 SPEC = "model: wire\nsteps: [5, 50]\non_inconclusive: pause\n"
 
 
@@ -147,3 +148,39 @@ def test_invalid_trigger_params_touch_no_traffic(spec_path: Path, monkeypatch: p
     assert sorted(rec.calls) == ["fail_safe", "fail_safe", "report"]  # the task, the DAG callback, the report
     assert [plan for plan, _ in rec.fail_safe_calls] == [None, None]
     assert states["preflight"] == "upstream_failed" and states["fail_safe"] == "failed"
+
+
+def test_broken_spec_as_the_dag_processor_records_it(
+    spec_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Parse and write to the metadata DB like the DAG processor: the good DAG is active and triggerable,
+    the broken spec's DAG carries its error, and the DAG file has no import error (which would make Airflow
+    mark every DAG of the file stale and refuse to trigger them)."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+    from airflow.models.dag import DagModel
+    from airflow.models.errors import ParseImportError
+    from airflow.utils.session import create_session
+
+    (tmp_path / "good.yaml").write_text("model: good\n")
+    (tmp_path / "bad.yaml").write_text("model: bad\nhodl: {min_duration: 10m}\n")
+    monkeypatch.setenv(dag_factory.ROLLOUTS_DIR_ENV, str(tmp_path))
+    manager = DagBundlesManager()
+    manager.sync_bundles_to_db()
+    bundle = next(b for b in manager.get_all_dag_bundles() if Path(b.path).resolve() == DAG_FILE.parent)
+    bag = BundleDagBag(dag_folder=str(DAG_FILE.parent), bundle_path=bundle.path, bundle_name=bundle.name)
+    assert bag.import_errors == {}
+    sync_bag_to_db(bag, bundle.name, None)
+    with create_session() as session:
+        models = {
+            dm.dag_id: dm
+            for dm in session.query(DagModel).filter(
+                DagModel.dag_id.in_(["canary_rollout__good", "canary_rollout__bad"])
+            )
+        }
+        assert set(models) == {"canary_rollout__good", "canary_rollout__bad"}
+        for dm in models.values():
+            assert not dm.has_import_errors and not dm.is_stale
+        assert "unknown key 'hodl'" in models["canary_rollout__bad"].description
+        errors = session.query(ParseImportError).filter(ParseImportError.filename == DAG_FILE.name).count()
+        assert errors == 0
