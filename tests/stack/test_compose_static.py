@@ -248,3 +248,22 @@ def test_docker_compose_config_refuses_a_missing_secret_and_names_it(tmp_path, e
     result = _docker_compose("config", env_file=partial)
     assert result.returncode != 0
     assert "set CANARY_GATEWAY_TOKEN in .env" in result.stderr
+
+
+def test_health_checks_probe_the_ports_the_services_listen_on(services, example_env):
+    def probe(name: str) -> str:
+        return " ".join(services[name]["healthcheck"]["test"][1:])
+
+    env = environment(services["airflow-api-server"])
+    assert f"http://localhost:{env['AIRFLOW__API__PORT']}/api/v2/monitor/health" in probe("airflow-api-server")
+    assert env["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "True"
+    port = env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"]
+    assert f"http://localhost:{port}/health" in probe("airflow-scheduler")
+    assert "--job-type DagProcessorJob --local" in probe("airflow-dag-processor")
+    assert "--job-type TriggererJob --local" in probe("airflow-triggerer")
+    gateway_port = command_argv(services["gateway"], example_env)[-1]
+    assert f"http://localhost:{gateway_port}/healthz" in probe("gateway")
+    assert f"http://127.0.0.1:{gateway_port}/healthz" in probe("simulator")
+    assert services["airflow-api-server"]["ports"] == ["127.0.0.1:${AIRFLOW_API_PORT:-8080}:" + env["AIRFLOW__API__PORT"]]
+    assert services["gateway"]["ports"] == [f"127.0.0.1:${{GATEWAY_PORT:-8808}}:{gateway_port}"]
+    assert "--dbname \"$${CANARY_PREDICTION_DB}\"" in probe("postgres") and "--host 127.0.0.1" in probe("postgres")

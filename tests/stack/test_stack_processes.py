@@ -320,6 +320,10 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     outcome = (f"run {run_id} is {run.get('state')} after {elapsed:.0f}s (limit {RUN_TIMEOUT}s); "
                f"tasks not skipped: {states}\n"
                + "\n\n".join(f"--- last decision record in {t} ---\n{r}" for t, r in last_records.items()))
+    for task_id in ("rollback", "pause", "fail_safe"):
+        if task_id in states:  # why the run took that path, from the task's own log
+            said = [e for e in _log_events(stack, token, run_id, tasks[task_id]) if e.strip()][-3:]
+            outcome += f"\n--- {task_id} log (last lines) ---\n" + "\n".join(e[:600] for e in said)
 
     assert run["state"] == "success", outcome
     for task_id in ("validate", "preflight", "promote", "post_deploy_hold", "drift_check", "report"):
