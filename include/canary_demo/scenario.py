@@ -55,8 +55,8 @@ CASES: tuple[RolloutCase, ...] = (
         params={"steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150},
     ),
     RolloutCase(
-        title="bad candidate: trained on last year's data, wrong far more often on today's traffic",
-        candidate="v3",
+        title="bad candidate: fails on a country it never saw, NaN scores on large amounts, slower",
+        candidate="v4",
         expect="rolled_back",
         params={"steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150},
     ),
