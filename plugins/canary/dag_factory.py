@@ -402,6 +402,9 @@ def build_dag(spec_path: str | Path) -> DAG:
         default_args=default_args,
         tags=_tags(spec),
         on_failure_callback=_FailSafeCallback(path),
+        # Registered through the DAG file's globals only: a DAG whose build fails half-way must not be
+        # auto-registered next to its placeholder (two DAGs with one id would be an import error).
+        auto_register=False,
     ) as dag:
         validate = PythonOperator(
             task_id="validate",
@@ -542,6 +545,7 @@ def build_broken_dag(spec_path: str | Path, message: str) -> DAG:
         catchup=False,
         max_active_runs=1,
         tags=["canary", BROKEN_TAG],
+        auto_register=False,
         default_args={"retries": 0},
     ) as dag:
         # a partial, not op_kwargs: op_kwargs are Jinja-templated and the message may contain "{{"

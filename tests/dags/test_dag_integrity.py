@@ -260,6 +260,31 @@ def test_tasks_see_the_dag_params_at_run_time(bag: DagBag) -> None:
             assert set(params) == set(PARAM_KEYS) and params["candidate"] == "v2"
 
 
+def test_a_dag_that_fails_half_built_is_replaced_by_its_placeholder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A failure inside the DAG's construction (not a spec error) still breaks only that DAG."""
+    from airflow.sdk.definitions._internal.contextmanager import DagContext
+    from canary import dag_factory
+
+    real_hold = dag_factory.HoldSensor
+
+    def hold(**kwargs: object) -> object:
+        if DagContext.get_current().dag_id == "canary_rollout__bad":
+            raise RuntimeError("boom while building")
+        return real_hold(**kwargs)
+
+    monkeypatch.setattr(dag_factory, "HoldSensor", hold)
+    (tmp_path / "good.yaml").write_text("model: good\n")
+    (tmp_path / "bad.yaml").write_text("model: bad\n")
+    bag = load_bag(monkeypatch, tmp_path)
+    assert bag.import_errors == {}
+    assert BROKEN_TAG not in bag.dags["canary_rollout__good"].tags
+    bad = bag.dags["canary_rollout__bad"]
+    assert BROKEN_TAG in bad.tags and bad.task_ids == ["spec_error"]
+    assert "RuntimeError: boom while building" in bad.description
+
+
 def test_missing_spec_folder_gives_no_dags_and_no_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     bag = load_bag(monkeypatch, tmp_path / "absent")
     assert bag.import_errors == {}
