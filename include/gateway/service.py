@@ -165,13 +165,19 @@ class Gateway:
 
     def _expire_locked(self, route: Route) -> Route:
         new = route.expired(utcnow())
-        if not self.route_store.replace(new, route.generation):
-            stored = self.route_store.load_all().get(route.model)
-            if stored is not None and not stored.lease_expired(utcnow()):
-                self._routes[route.model] = stored
-                return stored
-            new = route.expired(utcnow()) if stored is None else stored.expired(utcnow())
-            self.route_store.replace(new, new.generation - 1)
+        try:
+            if not self.route_store.replace(new, route.generation):
+                stored = self.route_store.load_all().get(route.model)
+                if stored is not None and not stored.lease_expired(utcnow()):
+                    self._routes[route.model] = stored  # another writer renewed or replaced it: adopt theirs
+                    return stored
+                new = route.expired(utcnow()) if stored is None else stored.expired(utcnow())
+                self.route_store.replace(new, new.generation - 1)
+        except Exception:  # noqa: BLE001 - the database is down: still take the traffic back, in memory
+            log.exception(
+                "could not store the lease expiry of model %s; traffic returns to stable in this process anyway "
+                "(a restart expires the stored lease again)", route.model,
+            )
         self._routes[route.model] = new
         self.metrics.lease_expirations.labels(route.model).inc()
         self.metrics.canary_percent.labels(route.model).set(0.0)
