@@ -30,7 +30,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from stack_compose import REPO, load_compose
+from stack_compose import REPO, environment, interpolate, load_compose
 from stack_processes import (
     LocalPorts,
     ProcessGroup,
@@ -167,8 +167,8 @@ def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
     models = home / "models"
     train_argv = local_executable(command_argv(compose["demo-models"], values))
     train_argv = replace_option(train_argv, "--out", str(models))
-    trained = subprocess.run(train_argv, env=_plain_env(home), capture_output=True, text=True, timeout=120,
-                             check=False)
+    trained = subprocess.run(train_argv, env=_service_env(compose["demo-models"], values, home),
+                             capture_output=True, text=True, timeout=120, check=False)
     assert trained.returncode == 0, trained.stderr[-3000:]
 
     # 3. The long-running services.
@@ -180,26 +180,30 @@ def _start(compose, home, values, ports, group, db_url, log_conn) -> Stack:
                           ("--port", str(ports.gateway))):
         gateway_argv = replace_option(gateway_argv, option, value)
     (home / "gateway").mkdir()
-    group.start("gateway", gateway_argv,
-                {**_plain_env(home), "CANARY_GATEWAY_TOKEN": values["CANARY_GATEWAY_TOKEN"]})
+    gateway_env = _service_env(compose["gateway"], values, home)
+    gateway_env["PGPASSWORD"] = log_conn["password"]  # the local PostgreSQL's, not the compose one
+    group.start("gateway", gateway_argv, gateway_env)
 
     # 4. Every compose healthcheck passes against the local processes.
     substitutions = {"http://localhost:8080": f"http://127.0.0.1:{ports.api}",
                      "http://localhost:8974": f"http://127.0.0.1:{ports.scheduler_health}",
                      "http://localhost:8808": f"http://127.0.0.1:{ports.gateway}",
                      "http://127.0.0.1:8808": f"http://127.0.0.1:{ports.gateway}"}
+
     def healthy(name: str) -> None:
         check = compose[name]["healthcheck"]["test"]
-        wait_for(lambda: run_healthcheck(check, env.get(name, _plain_env(home)), substitutions).returncode == 0,
+        check_env = env.get(name) or _service_env(compose[name], values, home)
+        wait_for(lambda: run_healthcheck(check, check_env, substitutions).returncode == 0,
                  timeout=150, interval=1, what=f"the {name} healthcheck {check}", group=group)
 
     with ThreadPoolExecutor(max_workers=5) as pool:  # the checks are independent: wait for them together
         for future in [pool.submit(healthy, name) for name in (*AIRFLOW_SERVICES, "gateway")]:
             future.result()
+
     # 5. The simulator (its compose profile): traffic and label feedback for the rollout to judge.
     simulator_argv = local_executable(command_argv(compose["simulator"], values))
     simulator_argv = replace_option(simulator_argv, "--url", stack_gateway_url(ports))
-    group.start("simulator", simulator_argv, _plain_env(home))
+    group.start("simulator", simulator_argv, _service_env(compose["simulator"], values, home))
     sim_check = compose["simulator"]["healthcheck"]["test"]
     assert run_healthcheck(sim_check, _plain_env(home), substitutions).returncode == 0
 
@@ -218,10 +222,16 @@ def stack_gateway_url(ports: LocalPorts) -> str:
 
 
 def _plain_env(home: Path) -> dict[str, str]:
-    """Environment of the non-Airflow services: import paths and nothing secret."""
+    """What the image gives every process: PATH with the venv first, HOME, locale, import paths."""
     return {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": os.environ.get("HOME", str(home)), "LANG": "C.UTF-8",
             "PYTHONPATH": f"{REPO / 'include'}:{REPO / 'plugins'}", "GX_ANALYTICS_ENABLED": "False"}
+
+
+def _service_env(service: dict, values: dict[str, str], home: Path) -> dict[str, str]:
+    """A non-Airflow service's compose environment (interpolated), plus what the image gives every process."""
+    env = {key: interpolate(value, values) for key, value in environment(service).items()}
+    return {**env, **_plain_env(home)}
 
 
 def _get(stack: Stack, token: str, path: str, **params) -> requests.Response:
