@@ -29,8 +29,9 @@ COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:0 include/ /opt/airflow/include/
 
-# Mount points of the named volumes (created here so the volumes start owned by the airflow user):
-# var/models the model directory, var/gateway the gateway's spill file, reports/ the HTML rollout reports,
-# auth/ the simple auth manager's password file.
+# Mount points of the named volumes (created here so new volumes start with this ownership): var/models the
+# model directory, var/gateway the gateway's spill file, reports/ the HTML rollout reports, auth/ the simple
+# auth manager's password file. Group 0 may write, as in the official image, so any AIRFLOW_UID works.
 RUN mkdir -p /opt/airflow/var/models /opt/airflow/var/gateway /opt/airflow/reports /opt/airflow/auth \
- && chmod 0750 /opt/airflow/auth
+ && chmod -R g+rwX /opt/airflow/var /opt/airflow/reports \
+ && chmod 0770 /opt/airflow/auth
