@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,7 +40,7 @@ from demo_models.data import Population  # noqa: E402
 from demo_models.train import train_all  # noqa: E402
 from gateway.registry import ModelRegistry  # noqa: E402
 from gateway.testing import start_gateway  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
 
 @dataclass
@@ -233,6 +234,23 @@ def saturation_phases(gateways: dict[str, object], bodies: list[bytes], args: ar
     ]
 
 
+def _create_pg_database(server_url: str) -> str:
+    admin_url = make_url(server_url)
+    name = f"canary_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return admin_url.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_pg_database(server_url: str, db_url: str) -> None:
+    admin = create_engine(make_url(server_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(db_url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0, help="sustained request rate (default 500/s)")
@@ -241,6 +259,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating 1 s saturation rounds per gateway")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop connections (default 16)")
     parser.add_argument("--db-url", default=None, help="log database (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--postgres", default=None, metavar="URL",
+        help="log to a new database created on this PostgreSQL server (e.g. postgresql+psycopg2://postgres@"
+             "127.0.0.1:5432/test) and dropped afterwards",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="model directory (default: train demo models)")
     parser.add_argument(
         "--nice", type=int, default=None,
@@ -264,6 +287,8 @@ def main() -> int:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by the gateway subprocesses
     base = in_process(model_dir, bodies, 5000)
     logged_db = args.db_url or f"sqlite:///{work / 'predictions.db'}"
+    if args.postgres:
+        logged_db = _create_pg_database(args.postgres)
     gw_log = start_gateway(model_dir, logged_db)
     gw_nolog = start_gateway(model_dir, f"sqlite:///{work / 'unused.db'}", extra_args=["--no-log"])
     try:
@@ -275,6 +300,9 @@ def main() -> int:
         gw_log.stop()  # graceful: the log is flushed before the rows are counted
     answered = with_log.answered_ids  # type: ignore[attr-defined]
     with_log.lost_rows = len(answered) - _count_logged(logged_db, answered)
+    if args.postgres:
+        _drop_pg_database(args.postgres, logged_db)
+    print(f"log database: {make_url(logged_db).get_backend_name()}")
 
     added_p50 = with_log.p50_ms - base.p50_ms
     added_p99 = with_log.p99_ms - base.p99_ms

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ class ModelRegistry:
     root: Path
     _entries: dict[str, dict[str, VersionEntry]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _last_scan: float = float("-inf")
 
     def scan(self) -> None:
         """Re-read the directory: new versions appear, removed ones vanish, changed metadata is re-read."""
@@ -211,6 +213,7 @@ class ModelRegistry:
                 f"model directory {self.root} does not exist; create it or pass --model-dir"
             )
         with self._lock:
+            self._last_scan = time.monotonic()
             for model_dir in sorted(self.root.iterdir()):
                 if not model_dir.is_dir() or not is_valid_name(model_dir.name):
                     continue
@@ -249,10 +252,13 @@ class ModelRegistry:
             return sorted(self._entries)
 
     def has_model(self, model: str) -> bool:
-        """True when the model has at least one version folder (rescans once when not found)."""
+        """True when the model has at least one version folder (rescans when not found, at most once a second,
+        so requests for unknown models cannot keep the gateway busy listing directories)."""
         with self._lock:
             if model in self._entries:
                 return True
+            if time.monotonic() - self._last_scan < 1.0:
+                return False
         self.scan()
         with self._lock:
             return model in self._entries
