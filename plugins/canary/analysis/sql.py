@@ -40,11 +40,22 @@ def _connect(bind: Any):
 
 
 def _minute(dialect: str, col: str = "p.ts") -> str:
+    """Minute bucket: epoch minutes (PostgreSQL) or the ISO text up to the minute (SQLite, converted to
+    epoch minutes in Python; cheaper than strftime per row). Both end up as the same integers."""
     if dialect == "postgresql":
         return f"CAST(FLOOR(EXTRACT(EPOCH FROM {col}) / 60) AS BIGINT)"
     if dialect == "sqlite":
-        return f"(CAST(strftime('%s', {col}) AS INTEGER) / 60)"
+        return f"substr({col}, 1, 16)"
     raise ValueError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
+
+
+def _minute_int(v: Any) -> int:
+    if isinstance(v, int | float):
+        return int(v)
+    return int((datetime.fromisoformat(str(v)) - _EPOCH).total_seconds() // 60)
+
+
+_EPOCH = datetime(1970, 1, 1)
 
 
 def _nan_check(dialect: str, col: str) -> str:
@@ -83,13 +94,15 @@ def _value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any], th
 
 
 def _windows_sql(windows: list[Window], params: dict[str, Any]) -> tuple[str, str, list[str]]:
-    cases, conds, names = [], [], []
+    """The step CASE and one index-friendly range over all windows (rows in gaps get step NULL)."""
+    cases, names = [], []
     for j, (step, _pct, start, end) in enumerate(windows):
         params[f"ws{j}"], params[f"we{j}"] = start, end
         names += [f"ws{j}", f"we{j}"]
         cases.append(f"WHEN p.ts >= :ws{j} AND p.ts < :we{j} THEN {int(step)}")
-        conds.append(f"(p.ts >= :ws{j} AND p.ts < :we{j})")
-    return "CASE " + " ".join(cases) + " END", "(" + " OR ".join(conds) + ")", names
+    params["wlo"], params["whi"] = min(w[2] for w in windows), max(w[3] for w in windows)
+    names += ["wlo", "whi"]
+    return "CASE " + " ".join(cases) + " END", "(p.ts >= :wlo AND p.ts < :whi)", names
 
 
 def _check_windows(windows: list[Window]) -> list[Window]:
@@ -115,12 +128,14 @@ def _run(conn: Any, sql: str, params: dict[str, Any], datetimes: list[str]):
 
 
 def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, look_at: datetime,
-               thresholds: dict[str, float] | None = None) -> ArmStats:
+               thresholds: dict[str, float] | None = None, count_units: bool = True) -> ArmStats:
     """Sufficient statistics of every metric for one look, grouped in the database by arm, step, minute.
 
     Label metrics join the latest feedback received by ``look_at`` and count only predictions older than
     ``look_at - label_delay`` (both arms alike); their eligible and labelled counts per arm feed the
     labelled-share check. ``thresholds`` gives the milliseconds for ``baseline_p95`` latency metrics.
+    ``count_units`` adds one ``COUNT(DISTINCT unit_id)`` scan per look so the SRM test counts units (the
+    routing is by unit; request counts of heavy users are over-dispersed); without it SRM counts requests.
     """
     windows = _check_windows(windows)
     thresholds = dict(thresholds or {})
@@ -144,18 +159,19 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
                 cols.append(f"CASE WHEN p.ts < :elig{i} AND p.status = 'ok'{need_pred} THEN 1 ELSE 0 END AS e{i}")
                 aggs.append(f"SUM(e{i})")
         join = ""
-        if has_labels:
-            join = ("LEFT JOIN (SELECT request_id, label FROM (SELECT request_id, label, ROW_NUMBER() OVER "
-                    "(PARTITION BY request_id ORDER BY ts DESC) AS rn FROM feedback WHERE ts <= :look_at) fl "
-                    "WHERE rn = 1) f ON f.request_id = p.request_id")
+        if has_labels:  # the latest label received by the look time (a later correction replaces it)
+            join = ("LEFT JOIN feedback f ON f.request_id = p.request_id AND f.ts <= :look_at AND NOT EXISTS "
+                    "(SELECT 1 FROM feedback f2 WHERE f2.request_id = f.request_id AND f2.ts <= :look_at "
+                    "AND (f2.ts > f.ts OR (f2.ts = f.ts AND f2.label > f.label)))")
         sql = (f"SELECT arm, step, minute, COUNT(*), {', '.join(aggs)} FROM ("
                f"SELECT p.arm AS arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(cols)} "
                f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
-               f"AND {where_win}) x GROUP BY arm, step, minute ORDER BY arm, step, minute")
-        rows = _run(conn, sql, params, dts)
-        usql = (f"SELECT p.arm, {step_case} AS step, COUNT(DISTINCT p.unit_id) FROM predictions p "
-                f"WHERE p.model = :model AND p.arm IN ('stable', 'canary') AND {where_win} GROUP BY 1, 2")
-        units = {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, dts)}
+               f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY minute, step, arm")
+        rows = [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts)]
+        usql = (f"SELECT arm, step, COUNT(DISTINCT unit_id) FROM (SELECT p.arm AS arm, {step_case} AS step, "
+                f"p.unit_id AS unit_id FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
+                f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY arm, step")
+        units = {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, dts)} if count_units else {}
     arr = np.array([[0 if r[0] == "stable" else 1, r[1], r[2], *[0 if v is None else v for v in r[3:]]]
                     for r in rows], dtype=float).reshape(len(rows), -1) if rows else None
     metrics: dict[str, MetricCells] = {}
@@ -267,7 +283,8 @@ def histogram(bind: Any, model: str, windows: list[Window], column: str, edges: 
         raise ValueError(f"column={column!r}: histograms are computed for score, prediction or latency_ms")
     windows = _check_windows(windows)
     params: dict[str, Any] = {"model": model}
-    _, where_win, wnames = _windows_sql(windows, params)
+    step_case, where_win, wnames = _windows_sql(windows, params)
+    where_win = f"{where_win} AND ({step_case}) IS NOT NULL"
     parts = []
     for i, e in enumerate(edges):
         params[f"edge{i}"] = float(e)
