@@ -129,6 +129,8 @@ def test_compare_and_set_and_lease_expiry(gateway, db_url) -> None:
     metrics = s.get(f"{gateway.url}/metrics", timeout=10).text
     assert 'canary_gateway_lease_expirations_total{model="fraud"} 1.0' in metrics
     assert 'canary_gateway_canary_percent{model="fraud"} 0.0' in metrics
+    written = [line for line in metrics.splitlines() if line.startswith("canary_gateway_log_rows_written_total")]
+    assert written and float(written[0].split()[-1]) >= 60, written  # the 60 predictions above were committed
     # the old generation can no longer renew: the rollout must notice the expiry
     r = s.post(f"{gateway.url}/v1/models/fraud/route/renew",
                json={"if_generation": route["generation"], "lease_seconds": 60},
