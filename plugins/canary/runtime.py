@@ -444,7 +444,12 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
     label_delay = max((_seconds(m.get("label_delay", 0) or 0) for m in label_metrics), default=0.0)
     labelled_share = float(baseline.get("labelled_share") or 0.0)
     rate = float(baseline.get("rate_per_s") or 0.0)
+    promotion = _promotion_samples(spec, baseline)
+    # Canary requests the promotion test needs in all (label metrics need their labelled share): the last
+    # step extends until the rollout has them (earlier steps advance once no harm is shown).
+    total_requests = max((p["total_requests"] for p in promotion.values() if p.get("total_requests")), default=0)
     steps_out, total_s, n_canary, n_stable = [], 0.0, 0.0, 0.0
+    n_steps = len(spec.get("steps", []))
     for i, pct in enumerate(spec.get("steps", []), start=1):
         share = float(pct) / 100.0
         c_rate, s_rate = rate * share, rate * (1 - share)
@@ -454,6 +459,8 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
             if label_metrics:
                 needs.append(("labels", label_delay + (max(1, min_samples // 5) / max(1e-9, min(c_rate, s_rate)
                                                                                        * max(labelled_share, 1e-9)))))
+            if i == n_steps and total_requests > n_canary:
+                needs.append(("promotion power", (total_requests - n_canary) / c_rate))
         else:
             needs.append(("no traffic", max_wait))
         limited_by, t = max(needs, key=lambda x: x[1])
@@ -489,7 +496,9 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
                                  "margin_type": m.get("margin_type")}
     deadline = _seconds(spec.get("deadline", 86400))
     post_s = _seconds((spec.get("post_deploy") or {}).get("window", 0))
-    planned = max(int(n_canary), 2 * min_samples)
+    planned = max((p["total"] for p in promotion.values() if p.get("total")), default=None)
+    if not planned:
+        planned = max(int(n_canary), 2 * min_samples)
     return {
         "rate_per_s": rate,
         "steps": steps_out,
@@ -498,8 +507,40 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
         "fits_deadline": total_s + post_s <= deadline,
         "expected_exposed_requests": int(n_canary),
         "detectable_harm": detectable,
-        "planned_canary_samples": planned,
+        "promotion_samples": promotion,
+        "planned_canary_samples": int(planned),
     }
+
+
+def _promotion_samples(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per metric: canary samples the non-inferiority test needs for 80 % power when the candidate equals
+    stable (``canary.analysis.planning``), and the requests that takes per step (label share included)."""
+    from canary.analysis.planning import plan_canary_samples
+
+    steps = [float(p) for p in spec.get("steps", [])]
+    alpha = float((spec.get("alpha") or {}).get("promotion", 0.05))
+    labelled_share = float(baseline.get("labelled_share") or 0.0)
+    floor = 1.0 / max(1, int(baseline.get("sampled") or 0))
+    out: dict[str, dict[str, Any]] = {}
+    for m in spec.get("metrics", []):
+        base = (baseline.get("base_rates") or {}).get(m["name"])
+        var = (baseline.get("variances") or {}).get(m["name"])
+        if base is None or var is None:
+            out[m["name"]] = {"note": "no stable data in the reference window"}
+            continue
+        if m.get("kind") in ("binary", "latency_threshold"):
+            b_ = min(max(float(base), floor), 1 - floor)
+            var = b_ * (1 - b_)
+        margin = float(m.get("margin") or 0.0)
+        margin_abs = margin * abs(float(base)) if m.get("margin_type") == "relative" else margin
+        if margin_abs <= 0 or var <= 0:
+            out[m["name"]] = {"note": "margin 0: non-inferiority needs the canary to be strictly better"}
+            continue
+        sp = plan_canary_samples(var, margin_abs, steps, alpha=alpha)
+        share = labelled_share if m.get("source") in _LABEL_SOURCES else 1.0
+        out[m["name"]] = {"per_step": sp.per_step, "total": sp.total, "margin_abs": margin_abs,
+                          "total_requests": int(math.ceil(sp.total / max(share, 1e-9)))}
+    return out
 
 
 def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any]) -> str:
@@ -517,6 +558,10 @@ def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any
         f"  expected total {plan['expected_total_s']:.0f}s (deadline {plan['deadline_s']:.0f}s), "
         f"~{plan['expected_exposed_requests']} requests exposed to the candidate"
     )
+    for name, p in (plan.get("promotion_samples") or {}).items():
+        if p.get("total"):
+            lines.append(f"  {name}: non-inferiority within {p['margin_abs']:.4g} needs ~{p['per_step']} canary "
+                         f"samples per step (~{p['total']} in all) for 80% power")
     for name, d in plan["detectable_harm"].items():
         if d.get("detectable_harm") is None:
             lines.append(f"  {name}: {d.get('note')}")
@@ -757,6 +802,7 @@ def _feature_frames(plan: dict[str, Any], pre: dict[str, Any], start: datetime, 
         except ValueError:
             feats = {}
         recs.append({**(feats if isinstance(feats, dict) else {}), "arm": r["arm"], "version": r["version"],
+                     "unit_id": r.get("unit_id"),
                      "prediction": r.get("prediction"), "score": r.get("score"), "status": r.get("status"),
                      "latency_ms": r.get("latency_ms")})
     return pd.DataFrame.from_records(recs)
@@ -794,10 +840,21 @@ def _arm_drift(plan: dict[str, Any], pre: dict[str, Any], steps_so_far: list[dic
                             int(spec_drift.get("sample_size", 20000)))
     if frame.empty:
         return None
+    # Routing assigns units, not requests: a unit's attributes repeat in every one of its requests, so rows
+    # are not independent draws. Compare the arms on one row per unit (the newest), the unit of
+    # randomisation; requests without a unit id are each their own unit.
+    keyed = frame["unit_id"].notna()
+    frame = _pd().concat([frame[keyed].drop_duplicates(subset=["arm", "unit_id"], keep="first"), frame[~keyed]])
     features = _drift_features(plan, pre, frame)
     return drift.compare_arms(frame[frame["arm"] == "stable"], frame[frame["arm"] == "canary"], features,
                               bins=int(spec_drift.get("bins", 10)),
                               psi_floor=float(spec_drift.get("psi_floor", 0.1)))
+
+
+def _pd() -> Any:
+    import pandas as pd
+
+    return pd
 
 
 def _drift_features(plan: dict[str, Any], pre: dict[str, Any], frame: Any) -> list[str]:
@@ -805,7 +862,8 @@ def _drift_features(plan: dict[str, Any], pre: dict[str, Any], frame: Any) -> li
     known = list(pre.get("candidate_features") or [])
     if wanted == "all" or not wanted:
         return [f for f in known if f in frame.columns] or [
-            c for c in frame.columns if c not in ("arm", "version", "prediction", "score", "status", "latency_ms")]
+            c for c in frame.columns
+            if c not in ("arm", "version", "unit_id", "prediction", "score", "status", "latency_ms")]
     return [f for f in wanted if f in frame.columns]
 
 
@@ -1172,7 +1230,10 @@ def _plan_or_spec(plan: dict[str, Any] | None, spec_path: str | None) -> dict[st
 
 
 def fail_safe(
-    plan: dict[str, Any] | None, spec_path: str | None = None, reason: str | None = None
+    plan: dict[str, Any] | None,
+    spec_path: str | None = None,
+    reason: str | None = None,
+    candidate: str | None = None,
 ) -> dict[str, Any]:
     """Make traffic safe after any failure: canary share to 0 % when the gateway answers (idempotent).
 
@@ -1183,6 +1244,8 @@ def fail_safe(
     Only the canary this run put on the route is taken off: a run refused in pre-flight (another rollout is
     active) never set traffic, so it leaves the other rollout's route alone.
 
+    :param candidate: the run's candidate when the caller knows it without XCom (the DAG's failure
+        callback reads it from the run's conf); the canary is only taken off when it is this version.
     :returns: ``{"route": <route after the change or None>, "reached_gateway": bool, "reason"}``.
     """
     from canary.hooks.errors import GatewayError
@@ -1195,7 +1258,7 @@ def fail_safe(
         _push("fail_safe", out)
         return out
     pre = _xcom("preflight") or {}
-    candidate = pre.get("candidate") or plan.get("candidate")
+    candidate = pre.get("candidate") or plan.get("candidate") or candidate
     if _context() is not None:
         n = len(_spec(plan).get("steps") or [])
         # set_traffic records its intent before it writes the route: no intent, no traffic moved by this run.

@@ -36,7 +36,7 @@ PG_URL = os.environ.get("CANARY_TEST_PG_URL", "postgresql+psycopg2://postgres@12
 #: The spec of the end-to-end runs: the real fraud spec with holds of seconds.
 E2E_TIMINGS: dict[str, Any] = {
     "steps": [10, 50],
-    "hold": {"min_duration": 5, "min_samples": 40, "max_wait": 90, "poll_interval": 1},
+    "hold": {"min_duration": 5, "min_samples": 40, "max_wait": 150, "poll_interval": 1},
     "lease": 20,
     "deadline": 600,
     "post_deploy": {"window": 3, "min_samples": 20},

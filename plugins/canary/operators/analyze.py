@@ -76,6 +76,17 @@ class AnalyzeOperator(BaseOperator):
         return {"plan": plan, "pre": pre, "steps": steps, "history": history,
                 "generation": int(_pull(context, f"step_{i}.set_traffic")["route"]["generation"])}
 
+    def _renew(self, plan: dict[str, Any], pre: dict[str, Any], generation: int) -> None:
+        """Best effort: keep the lease alive while judging (data quality and drift take seconds). A route
+        that moved is not this task's to judge: the next ``set_traffic`` refuses it with a clear error."""
+        from canary import runtime
+        from canary.hooks.errors import GatewayError
+
+        try:
+            runtime.renew_lease(plan, pre, generation)
+        except GatewayError as exc:
+            self.log.warning("could not renew the lease of step %s before judging: %s", self.step_index, exc)
+
     # -- the loop -------------------------------------------------------------------------------------
 
     def execute(self, context: Any) -> Any:
@@ -114,6 +125,7 @@ class AnalyzeOperator(BaseOperator):
         look_at = look0 if look == 0 else min(look0 + timedelta(seconds=look * interval), max(cap, look0))
         steps[-1] = {**current, "look_at": iso(look_at)}
         hist = inp["history"] if first else history
+        self._renew(plan, pre, inp["generation"])
 
         while True:
             result = runtime.analyze(plan, pre, steps, hist)

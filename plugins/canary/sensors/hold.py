@@ -29,10 +29,13 @@ def _pull(context: Any, task_id: str, *, required: bool = True) -> Any:
 
 
 def _raise_on_error(event: dict[str, Any] | None, what: str) -> dict[str, Any]:
-    from airflow.sdk.exceptions import AirflowException
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     if not event:
         raise AirflowException(f"{what}: the trigger ended without an event")
+    if event.get("status") != "ok" and event.get("error_type") == "RouteConflictError":
+        # Not retryable: the route is no longer the one this run wrote (someone else, or the lease expired).
+        raise AirflowFailException(f"{what} stopped: {event.get('message')}")
     if event.get("status") != "ok":
         raise AirflowException(
             f"{what} failed: {event.get('error_type', 'error')}: {event.get('message')}. The run fails safe: "
@@ -69,16 +72,22 @@ class HoldSensor(BaseSensorOperator):
         return plan, pre, step
 
     def _check(self, context: Any) -> Any:
+        from canary.hooks.errors import RouteConflictError
         from canary.triggers.hold import check_hold
 
         plan, pre, step = self._inputs(context)
-        return check_hold(
-            plan=plan,
-            pre=pre,
-            step_index=int(self.step_index),
-            step_started_at=step["step_started_at"],
-            generation=int(step["route"]["generation"]),
-        )
+        try:
+            return check_hold(
+                plan=plan,
+                pre=pre,
+                step_index=int(self.step_index),
+                step_started_at=step["step_started_at"],
+                generation=int(step["route"]["generation"]),
+            )
+        except RouteConflictError as exc:
+            _raise_on_error({"status": "error", "error_type": "RouteConflictError", "message": str(exc)},
+                            f"hold of step {self.step_index}")
+            raise
 
     def poke(self, context: Any) -> PokeReturnValue:
         """Non-deferrable mode: one poll; done carries the same XCom as the deferred path."""
