@@ -10,6 +10,7 @@ run and each in a fresh process (so peak memory is the phase's own):
 
 * ``plain scan``: ``SELECT arm, count(*), avg(latency_ms) FROM predictions WHERE model = ? AND ts in the
   rollout GROUP BY arm`` (the baseline);
+* ``analysis, no labels/units``: the look without the label metric and with SRM on request counts;
 * ``analysis``: one full look: ``canary.analysis.sql.look_stats`` (four metrics, one of them a label
   metric joined with the latest feedback and a label delay, distinct units for SRM) plus ``judge``;
 * ``analysis + samples``: the same plus the data-quality sample (5,000 canary rows) validated with Great
@@ -146,7 +147,12 @@ def _phase(url: str, phase: str, q) -> None:
         detail = f"{sum(r[1] for r in rows)} rows"
     else:
         pol = policy()
-        stats = look_stats(eng, "fraud", w, pol, look_at)
+        full = phase != "analysis, no labels/units"
+        if not full:
+            import dataclasses
+
+            pol = dataclasses.replace(pol, metrics=pol.metrics[:3])
+        stats = look_stats(eng, "fraud", w, pol, look_at, count_units=full)
         v = judge(stats, pol, None, is_last_step=True)
         detail = f"decision {v.decision}, {sum(stats.metrics['error_rate'].n):.0f} rows"
         if phase == "analysis + samples":
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from sqlalchemy import create_engine, text
 
-    print(f"{'backend':<11} {'rows':>10} {'phase':<20} {'seconds':>8} {'x plain':>8} {'peak MB':>8}  detail")
+    print(f"{'backend':<11} {'rows':>10} {'phase':<26} {'seconds':>8} {'x plain':>8} {'peak MB':>8}  detail")
     ok = True
     for n in args.rows:
         for backend in args.backends:
@@ -206,15 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 t = time.perf_counter()
                 gen(*gen_args)
-                print(f"{backend:<11} {n:>10} {'generate':<20} {time.perf_counter() - t:>8.1f}", flush=True)
+                print(f"{backend:<11} {n:>10} {'generate':<26} {time.perf_counter() - t:>8.1f}", flush=True)
                 base = None
-                for phase in ("plain scan", "analysis", "analysis + samples"):
+                for phase in ("plain scan", "analysis, no labels/units", "analysis", "analysis + samples"):
                     runs = [measure(url, phase) for _ in range(args.repeat)]
                     sec = min(r[0] for r in runs)
                     peak = max(r[1] for r in runs)
                     base = sec if phase == "plain scan" else base
                     ratio = sec / base
-                    print(f"{backend:<11} {n:>10} {phase:<20} {sec:>8.2f} {ratio:>8.2f} {peak:>8.0f}  {runs[0][2]}",
+                    print(f"{backend:<11} {n:>10} {phase:<26} {sec:>8.2f} {ratio:>8.2f} {peak:>8.0f}  {runs[0][2]}",
                           flush=True)
                     if phase == "analysis":
                         ok &= ratio <= 2.0

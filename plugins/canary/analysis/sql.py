@@ -40,10 +40,10 @@ def _connect(bind: Any):
 
 
 def _minute(dialect: str, col: str = "p.ts") -> str:
-    """Minute bucket: epoch minutes (PostgreSQL) or the ISO text up to the minute (SQLite, converted to
-    epoch minutes in Python; cheaper than strftime per row). Both end up as the same integers."""
+    """Minute bucket: ``date_trunc('minute', ts)`` (PostgreSQL) or the ISO text up to the minute (SQLite);
+    both are turned into epoch minutes in Python (cheaper than arithmetic per row), the same integers."""
     if dialect == "postgresql":
-        return f"CAST(FLOOR(EXTRACT(EPOCH FROM {col}) / 60) AS BIGINT)"
+        return f"date_trunc('minute', {col})"
     if dialect == "sqlite":
         return f"substr({col}, 1, 16)"
     raise ValueError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
@@ -52,6 +52,8 @@ def _minute(dialect: str, col: str = "p.ts") -> str:
 def _minute_int(v: Any) -> int:
     if isinstance(v, int | float):
         return int(v)
+    if isinstance(v, datetime):
+        return int((v.replace(tzinfo=None) - _EPOCH).total_seconds() // 60)
     return int((datetime.fromisoformat(str(v)) - _EPOCH).total_seconds() // 60)
 
 
@@ -142,6 +144,9 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
     look_at = look_at.replace(tzinfo=None)
     with _connect(bind) as conn:
         dialect = conn.dialect.name
+        if dialect == "postgresql":  # this transaction only: hash aggregates in memory, no JIT start-up
+            conn.execute(text("SET LOCAL work_mem = '64MB'"))
+            conn.execute(text("SET LOCAL jit = off"))
         params: dict[str, Any] = {"model": model, "look_at": look_at}
         dts = ["look_at"]
         step_case, where_win, wnames = _windows_sql(windows, params)
@@ -168,7 +173,7 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
                f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
                f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY minute, step, arm")
         rows = [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts)]
-        usql = (f"SELECT arm, step, COUNT(DISTINCT unit_id) FROM (SELECT p.arm AS arm, {step_case} AS step, "
+        usql = (f"SELECT arm, step, COUNT(unit_id) FROM (SELECT DISTINCT p.arm AS arm, {step_case} AS step, "
                 f"p.unit_id AS unit_id FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
                 f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY arm, step")
         units = {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, dts)} if count_units else {}
