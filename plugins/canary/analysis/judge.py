@@ -203,16 +203,16 @@ def _fmt(x: float | None) -> str:
 
 def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, dq: dict | None,
             drift: dict | None, last: bool) -> tuple[str, str]:
-    tripped = [e for e in ev if e.breaker and e.breaker["tripped"]]
-    if tripped:
-        e = tripped[0]
-        return "rollback", (f"circuit breaker on critical metric {e.name}: canary {_fmt(e.canary)} vs stable "
-                            f"{_fmt(e.stable)} (log LR {_fmt(e.breaker['log_lr'])} >= {_fmt(e.breaker['threshold'])})")
     harmed = [e for e in ev if e.harm]
     if harmed:
         parts = [f"{e.name}: canary {_fmt(e.canary)} vs stable {_fmt(e.stable)}, z_harm {_fmt(e.z_harm)} >= "
                  f"boundary {_fmt(e.b_rollback)}" for e in harmed]
         return "rollback", "harm shown on " + "; ".join(parts)
+    tripped = [e for e in ev if e.breaker and e.breaker["tripped"]]
+    if tripped:
+        e = tripped[0]
+        return "rollback", (f"circuit breaker on critical metric {e.name}: canary {_fmt(e.canary)} vs stable "
+                            f"{_fmt(e.stable)} (log LR {_fmt(e.breaker['log_lr'])} >= {_fmt(e.breaker['threshold'])})")
     if dq is not None and not dq.get("success", True):
         names = ", ".join(f"{f.get('expectation')}({f.get('column', '')}) observed {f.get('observed')}"
                           for f in dq.get("failures", []))

@@ -34,7 +34,7 @@ def verdict_text(v: dict[str, Any]) -> str:
         res = ("HARM" if m.get("harm") else "non-inferior" if m.get("non_inferior") else
                "inconclusive" if m.get("tested") else "not tested")
         if m.get("breaker") and m["breaker"].get("tripped"):
-            res = "BREAKER"
+            res = "HARM+BREAKER" if m.get("harm") else "BREAKER"
         n = m.get("samples") or {}
         rows.append([m["name"] + ("*" if m.get("critical") else ""), _f(m.get("stable")), _f(m.get("canary")),
                      _f(m.get("diff")), f"[{_f(iv[0])}, {_f(iv[1])}]" if iv else "-", _f(m.get("z_harm"), 3),
