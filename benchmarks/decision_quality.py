@@ -165,8 +165,15 @@ def _stats(sim: Sim, sc: Scenario, policy: Policy, r: int, look_end: int) -> Arm
                             "units": 0, "percent": STEPS[s]})
     labels = {}
     if sc.label_delay:
-        labels[names[0]] = {arm: {"eligible": int(sim.n[arm][r, :lab_end].sum()),
-                                  "labelled": int(sim.lab_n[arm][r, :lab_end].sum())} for arm in ("stable", "canary")}
+        lab: dict = {arm: {"eligible": int(sim.n[arm][r, :lab_end].sum()),
+                           "labelled": int(sim.lab_n[arm][r, :lab_end].sum())} for arm in ("stable", "canary")}
+        lab["steps"] = []
+        for s in range(sim.step[look_end - 1] + 1):
+            mask = sim.step[:lab_end] == s
+            lab["steps"].append({"step": s, **{arm: {"eligible": int(sim.n[arm][r, :lab_end][mask].sum()),
+                                                     "labelled": int(sim.lab_n[arm][r, :lab_end][mask].sum())}
+                                               for arm in ("stable", "canary")}})
+        labels[names[0]] = lab
     return ArmStats(metrics={names[0]: _cells(sim, r, lab_end, "bad"), names[1]: _cells(sim, r, look_end, "lat")},
                     traffic=traffic, labels=labels)
 

@@ -203,3 +203,27 @@ def test_power_plan_by_hand():
     assert plan.total == 4 * plan.per_step
     with pytest.raises(ValueError, match="margin_abs"):
         plan_canary_samples(0.1, 0.0, [50])
+
+
+def test_labelled_share_is_compared_within_steps():
+    # labels keep arriving: step 0 (old) is 90 % labelled, step 1 (young) 50 %, equal in both arms;
+    # the canary has most of its rows in step 1, so a pooled test would cry mismatch.
+    steps = [{"step": 0, "stable": {"eligible": 9000, "labelled": 8100}, "canary": {"eligible": 1000, "labelled": 900}},
+             {"step": 1, "stable": {"eligible": 5000, "labelled": 2500}, "canary": {"eligible": 5000, "labelled": 2500}}]
+    tot = {arm: {k: sum(s[arm][k] for s in steps) for k in ("eligible", "labelled")} for arm in ("stable", "canary")}
+    pooled = labelled_share_test(tot, 0.001)
+    assert pooled["mismatch"]
+    strat = labelled_share_test({**tot, "steps": steps}, 0.001)
+    assert strat["method"] == "cmh" and strat["p_value"] == pytest.approx(1.0)
+    # CMH by hand when the canary really gets fewer labels
+    steps[1]["canary"]["labelled"] = 2300
+    res = labelled_share_test({**tot, "steps": steps}, 0.001)
+    dev = var = 0.0
+    for s in steps:
+        nb, nc = s["stable"]["eligible"], s["canary"]["eligible"]
+        x = s["stable"]["labelled"] + s["canary"]["labelled"]
+        n = nb + nc
+        dev += s["canary"]["labelled"] - nc * x / n
+        var += nb * nc * x * (n - x) / (n * n * (n - 1))
+    assert res["p_value"] == pytest.approx(stats.chi2.sf(dev * dev / var, 1))
+    assert res["mismatch"]

@@ -55,12 +55,35 @@ def srm_test(traffic: list[dict[str, Any]], alpha: float,
             "steps": out}
 
 
-def labelled_share_test(labels: dict[str, dict[str, int]], alpha: float) -> dict[str, Any]:
-    """Compare the labelled share of eligible predictions between arms (2x2 Pearson chi-square)."""
+def labelled_share_test(labels: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """Compare the labelled share of eligible predictions between arms.
+
+    ``labels``: ``{"stable": {"eligible", "labelled"}, "canary": {...}}`` and optionally ``"steps"``: the
+    same per step (``[{"step", "stable": {...}, "canary": {...}}]``). With steps the test is
+    Cochran-Mantel-Haenszel across steps: labels keep arriving, so older predictions have a higher
+    labelled share, and the canary's rows are younger on average during a ramp; comparing within steps
+    (where both arms span the same times) removes that. Without steps: Pearson 2x2 chi-square.
+    """
     eb, lb = labels.get("stable", {}).get("eligible", 0), labels.get("stable", {}).get("labelled", 0)
     ec, lc = labels.get("canary", {}).get("eligible", 0), labels.get("canary", {}).get("labelled", 0)
     res: dict[str, Any] = {"stable_share": lb / eb if eb else None, "canary_share": lc / ec if ec else None,
                            "eligible": {"stable": eb, "canary": ec}, "p_value": None, "mismatch": False}
+    steps = labels.get("steps")
+    if steps:
+        dev, var = 0.0, 0.0
+        for st in steps:
+            nb, xb = st["stable"]["eligible"], st["stable"]["labelled"]
+            nc, xc = st["canary"]["eligible"], st["canary"]["labelled"]
+            n, x = nb + nc, xb + xc
+            if nb == 0 or nc == 0 or n < 2 or x == 0 or x == n:
+                continue
+            dev += xc - nc * x / n
+            var += nb * nc * x * (n - x) / (n * n * (n - 1))
+        if var > 0:
+            res["method"] = "cmh"
+            res["p_value"] = float(stats.chi2.sf(dev * dev / var, 1))
+            res["mismatch"] = res["p_value"] < alpha
+        return res
     tot_l, tot = lb + lc, eb + ec
     if eb and ec and 0 < tot_l < tot:
         chi2 = 0.0
@@ -68,6 +91,7 @@ def labelled_share_test(labels: dict[str, dict[str, int]], alpha: float) -> dict
             for obs, frac in ((lab, tot_l / tot), (e - lab, 1 - tot_l / tot)):
                 exp = e * frac
                 chi2 += (obs - exp) ** 2 / exp
+        res["method"] = "pearson"
         res["p_value"] = float(stats.chi2.sf(chi2, 1))
         res["mismatch"] = res["p_value"] < alpha
     return res

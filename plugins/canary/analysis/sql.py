@@ -180,7 +180,7 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
     arr = np.array([[0 if r[0] == "stable" else 1, r[1], r[2], *[0 if v is None else v for v in r[3:]]]
                     for r in rows], dtype=float).reshape(len(rows), -1) if rows else None
     metrics: dict[str, MetricCells] = {}
-    labels: dict[str, dict[str, dict[str, int]]] = {}
+    labels: dict[str, dict[str, Any]] = {}
     col = 4
     for m in policy.metrics:
         if arr is None:
@@ -192,10 +192,18 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
                                                       a[:, col + 2])
         col += 3
         if m.needs_labels:
-            lab = {}
+            lab: dict[str, Any] = {}
+            empty = np.zeros((0, col + 1))
             for k, arm in enumerate(("stable", "canary")):
-                sel = arr[arr[:, 0] == k] if arr is not None else np.zeros((0, col + 1))
+                sel = arr[arr[:, 0] == k] if arr is not None else empty
                 lab[arm] = {"eligible": int(sel[:, col].sum()), "labelled": int(sel[:, col - 3].sum())}
+            lab["steps"] = []
+            for step in sorted({int(x) for x in arr[:, 1]}) if arr is not None else []:
+                entry: dict[str, Any] = {"step": step}
+                for k, arm in enumerate(("stable", "canary")):
+                    sel = arr[(arr[:, 0] == k) & (arr[:, 1] == step)]
+                    entry[arm] = {"eligible": int(sel[:, col].sum()), "labelled": int(sel[:, col - 3].sum())}
+                lab["steps"].append(entry)
             labels[m.name] = lab
             col += 1
     pct = {w[0]: w[1] for w in windows}

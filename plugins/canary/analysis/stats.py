@@ -58,14 +58,15 @@ class ArmStats:
     :param metrics: metric name -> :class:`MetricCells`.
     :param traffic: one dict per (step, arm): ``step``, ``arm``, ``requests``, ``units`` (distinct unit ids,
         0 when unknown) and ``percent`` (the canary percent of that step, when known).
-    :param labels: label metric name -> ``{arm: {"eligible": int, "labelled": int}}`` (predictions old
-        enough for their label at the look time, and how many of them have one).
+    :param labels: label metric name -> ``{arm: {"eligible": int, "labelled": int}, "steps": [{"step",
+        arm: {...}}]}`` (predictions old enough for their label at the look time, and how many of them
+        have one; per step for the stratified labelled-share test).
     :param thresholds: latency thresholds (ms) actually used, per metric name.
     """
 
     metrics: dict[str, MetricCells]
     traffic: list[dict[str, Any]] = field(default_factory=list)
-    labels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -76,7 +77,8 @@ class ArmStats:
         minute bucket is taken from it), one column per metric name (per-request value, NaN when not
         observable), optionally ``percent`` (canary percent of the step) and ``unit_id``. For a
         ``latency_threshold`` metric the column holds the latency in ms, or the 0/1 exceedance when its
-        threshold is not numeric and not in ``thresholds``.
+        threshold is not numeric and not in ``thresholds``. Label metrics count only rows older than
+        their label delay at the newest row's time (the look time as far as the frame can tell).
         """
         import pandas as pd
 
@@ -91,7 +93,7 @@ class ArmStats:
                              "cluster": minute.to_numpy()})
         thresholds = dict(thresholds or {})
         metrics: dict[str, MetricCells] = {}
-        labels: dict[str, dict[str, dict[str, int]]] = {}
+        labels: dict[str, dict[str, Any]] = {}
         for m in policy.metrics:
             x = pd.to_numeric(df[m.name], errors="coerce").to_numpy(dtype=float)
             if m.kind == "latency_threshold":
@@ -101,10 +103,21 @@ class ArmStats:
                     thresholds[m.name] = float(thr)
             ok = ~np.isnan(x)
             if m.needs_labels:
-                labels[m.name] = {
-                    arm: {"eligible": int((base["canary"] == (arm == "canary")).sum()),
-                          "labelled": int((ok & (base["canary"] == (arm == "canary")).to_numpy()).sum())}
-                    for arm in ARMS}
+                # eligible: older than the label delay at the look, taken as the newest row's time
+                tsv = pd.to_datetime(df["ts"]).to_numpy()
+                elig = tsv <= (tsv.max() - np.timedelta64(int(m.label_delay_s * 1e6), "us")) if len(tsv) else ok
+                x = np.where(elig, x, np.nan)
+                ok = ~np.isnan(x)
+                can = base["canary"].to_numpy()
+                stp = base["step"].to_numpy()
+
+                def _counts(mask: np.ndarray, elig: np.ndarray = elig, ok: np.ndarray = ok) -> dict[str, int]:
+                    return {"eligible": int((mask & elig).sum()), "labelled": int((mask & elig & ok).sum())}
+
+                lab: dict[str, Any] = {arm: _counts(can == (arm == "canary")) for arm in ARMS}
+                lab["steps"] = [{"step": int(s), **{arm: _counts((can == (arm == "canary")) & (stp == s))
+                                                    for arm in ARMS}} for s in np.unique(stp)]
+                labels[m.name] = lab
             g = base[ok].assign(x=x[ok], x2=x[ok] ** 2).groupby(["canary", "step", "cluster"], sort=True)
             agg = g.agg(n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum")).reset_index()
             metrics[m.name] = MetricCells.from_arrays(agg["canary"], agg["step"], agg["cluster"], agg["n"],
