@@ -737,8 +737,8 @@ def version_count(plan: dict[str, Any], pre: dict[str, Any], *, start: datetime,
 def circuit_breaker(plan: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict[str, Any] | None:
     """The always-valid breaker (mSPRT) on the error counts of the step so far, for critical ``error`` metrics.
 
-    The mixing spread is the scale of harm the spec cares about: the larger of stable's error rate and the
-    metric's margin (absolute, or relative to stable's rate), so a flood of errors trips it within a hold.
+    The mixing spread is the judge's: the largest of stable's error rate, the metric's margin and four
+    standard errors, so a flood of errors trips it within a hold while noise does not.
 
     :returns: the breaker's finding when it trips, else None.
     """
@@ -761,7 +761,7 @@ def circuit_breaker(plan: dict[str, Any], counts: dict[str, dict[str, int]]) -> 
     var = pool * (1 - pool) * (1 / ns + 1 / nc)
     m = metrics[0]
     margin = float(m.get("margin") or 0.0) * (ps if m.get("margin_type") == "relative" else 1.0)
-    tau = max(ps, margin, 1.0 / ns)
+    tau = max(ps, margin, 4.0 * math.sqrt(var))  # the judge's choice for its breaker (canary.analysis.judge)
     found = msprt(pc - ps, var, tau, float(breaker.get("alpha", 0.001)))
     if not found.get("tripped"):
         return None
@@ -897,12 +897,25 @@ def analyze(
     verdict = judge(observations, policy, history, is_last_step=is_last, thresholds=thresholds,
                     data_quality=dq, drift=drift)
     out = verdict.to_dict()
+    breaker = steps_so_far[-1].get("breaker")
+    if breaker and out["decision"] != "rollback":
+        # The hold's always-valid breaker (mSPRT on the step's error counts, canary.analysis.gates) tripped:
+        # valid at any time, so it stands even when the look has too few clusters to test the metric.
+        out["decision"] = "rollback"
+        out["reason"] = (
+            f"circuit breaker during the hold of step {steps_so_far[-1]['step_index']} on {breaker.get('metric')}: "
+            f"canary {breaker['canary'][0]}/{breaker['canary'][1]} errors vs stable "
+            f"{breaker['stable'][0]}/{breaker['stable'][1]} (log LR {breaker['log_lr']:.3g} >= "
+            f"{breaker['threshold']:.3g}); the judge alone said: {verdict.reason}"
+        )
+        out["circuit_breaker"] = breaker
     header = (f"{_model(plan)} {pre['stable']} -> {pre['candidate']}, step {steps_so_far[-1]['step_index']}/"
               f"{len(spec['steps'])} at {steps_so_far[-1].get('percent')}%, window "
               f"{steps_so_far[-1]['step_started_at']} .. {steps_so_far[-1]['look_at']}")
-    return json_safe(
-        {"verdict": out, "history": verdict.history.to_dict(), "record": header + "\n" + verdict.to_text()}
-    )
+    record = header + "\n" + verdict.to_text()
+    if out.get("circuit_breaker"):
+        record += f"\nOVERRIDDEN -> ROLLBACK: {out['reason']}"
+    return json_safe({"verdict": out, "history": verdict.history.to_dict(), "record": record})
 
 
 def json_safe(obj: Any) -> Any:

@@ -23,7 +23,7 @@ def plan(router_conn, gateway, set_conn, tmp_path):
     set_conn("canary_test_log", conn_type="sqlite", host=str(tmp_path / "log.db"))
     spec = load_spec("include/rollouts/fraud.yaml").to_dict()
     spec["connections"] = {"router": router_conn, "prediction_log": "canary_test_log"}
-    spec["hold"] = {"min_duration": 1, "min_samples": 20, "max_wait": 30, "poll_interval": 0.3}
+    spec["hold"] = {"min_duration": 1, "min_samples": 20, "max_wait": 30, "poll_interval": 1}
     spec["lease"] = 30
     for m in spec["metrics"]:
         if m.get("label_delay"):
@@ -97,7 +97,7 @@ def test_hold_ends_when_min_time_and_samples_per_arm_are_reached_and_renews_the_
 
 
 def test_hold_is_capped_by_max_wait(plan, router_conn):
-    plan["spec"]["hold"] = {"min_duration": 1, "min_samples": 10_000, "max_wait": 2, "poll_interval": 0.3}
+    plan["spec"]["hold"] = {"min_duration": 1, "min_samples": 10_000, "max_wait": 2, "poll_interval": 1}
     route = _canary_live(router_conn)
     pre = {"stable": "v1", "candidate": "v2", "generation": route.generation - 1}
     event = asyncio.run(_first_event(HoldTrigger(plan=plan, pre=pre, step_index=1, step_started_at=route.updated_at,
@@ -136,3 +136,31 @@ def test_circuit_breaker_trips_on_a_flood_of_canary_errors(plan):
     assert fired and fired["tripped"] and fired["canary"] == [60, 200]
     plan["spec"]["circuit_breaker"]["enabled"] = False
     assert runtime.circuit_breaker(plan, flood) is None
+
+
+def test_breaker_ends_the_hold_early_and_the_look_rolls_back(plan, gateway, router_conn):
+    """v4 raises on country 4 (HTTP 500, logged as errors): with half the traffic on it the hold's breaker
+    trips long before min_duration, and the look that follows rolls back on it."""
+    plan["candidate"] = "v4"
+    plan["spec"]["hold"] = {"min_duration": 60, "min_samples": 10_000, "max_wait": 120, "poll_interval": 1}
+    hook = TrafficRouterHook(router_conn)
+    g = hook.get_route("fraud").generation
+    route = hook.set_route("fraud", stable="v1", canary="v4", canary_percent=50, lease_seconds=60, if_generation=g)
+    pre = {"stable": "v1", "candidate": "v4", "generation": g, "baseline": {"latency_p95_ms": 50.0},
+           "power_plan": {"planned_canary_samples": 1000}}
+    s = requests.Session()
+    for i in range(300):
+        feats = {**FEATURES, "country": 4.0 if i % 3 == 0 else 1.0}
+        s.post(f"{gateway.url}/v1/models/fraud/predict", json={"unit_id": f"u{i}", "features": feats}, timeout=10)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    event = asyncio.run(_first_event(HoldTrigger(plan=plan, pre=pre, step_index=1, step_started_at=route.updated_at,
+                                                 generation=route.generation, poll_interval=0.3)))
+    assert event["reason"] == "circuit_breaker" and time.monotonic() - t0 < 30, event
+    assert event["breaker"]["tripped"] and event["breaker"]["canary"][0] > 0 == event["breaker"]["stable"][0]
+    steps = [{"step_index": 1, "percent": 50, "step_started_at": route.updated_at, "look_at": event["look_at"],
+              "breaker": event["breaker"]}]
+    plan["spec"]["data_quality"] = {"suite": None, "sample_size": 100}
+    analysis = runtime.analyze(plan, pre, steps, None)
+    assert analysis["verdict"]["decision"] == "rollback"
+    assert "circuit breaker" in analysis["verdict"]["reason"] and "circuit breaker" in analysis["record"]

@@ -67,6 +67,7 @@ class AnalyzeOperator(BaseOperator):
                     "step_started_at": st["step_started_at"],
                     "look_at": look_at,
                     "hold_reason": hold.get("reason"),
+                    "breaker": hold.get("breaker"),
                 }
             )
         history = None
