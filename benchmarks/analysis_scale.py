@@ -4,7 +4,8 @@ Run:  PYTHONPATH=include:plugins .venv/bin/python benchmarks/analysis_scale.py [
       [--backends sqlite postgresql] [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/test]
 
 For each row count and backend it generates a prediction log inside the database (PostgreSQL:
-``generate_series``; SQLite: a recursive CTE), with the gateway's own schema (Contract 2), a ramp
+``generate_series``; SQLite: a recursive CTE), with the gateway's own schema (Contract 2), sticky units
+(the unit decides the arm, as the gateway's hash routing does), a ramp
 1 -> 5 -> 25 -> 50 % over four steps, 2 % errors, and feedback for 30 % of the requests. Then, in the same
 run and each in a fresh process (so peak memory is the phase's own):
 
@@ -74,12 +75,13 @@ def generate_sqlite(path: str, n: int) -> None:
         SELECT 'r' || g,
                strftime('%Y-%m-%d %H:%M:%S', {epoch0} + CAST(g * {dt} AS INTEGER), 'unixepoch') || '.000000',
                'fraud', CASE WHEN c THEN 'v2' ELSE 'v1' END, CASE WHEN c THEN 'canary' ELSE 'stable' END,
-               'u' || (abs(random()) % 100000),
+               'u' || u,
                '{{"amount": ' || (abs(random()) % 1000) || ', "country": ' || (abs(random()) % 5) || '}}',
                abs(random()) % 2, (abs(random()) % 1000) / 1000.0, 10 + (abs(random()) % 1000) / 10.0,
                CASE WHEN abs(random()) % 100 < 2 THEN 'error' ELSE 'ok' END, NULL
-        FROM (SELECT g, (abs(random()) % 10000) < CASE g * 4 / {n} WHEN 0 THEN 100 WHEN 1 THEN 500
-                                                  WHEN 2 THEN 2500 ELSE 5000 END AS c FROM s)
+        FROM (SELECT g, u, (u % 10000) < CASE g * 4 / {n} WHEN 0 THEN 100 WHEN 1 THEN 500
+                                         WHEN 2 THEN 2500 ELSE 5000 END AS c
+              FROM (SELECT g, abs(random()) % 100000 AS u FROM s))
     """)
     con.execute("""INSERT INTO feedback SELECT request_id, strftime('%Y-%m-%d %H:%M:%S', ts, '+60 seconds')
                     || '.000000', abs(random()) % 2, NULL, 'sim' FROM predictions WHERE abs(random()) % 10 < 3""")
@@ -102,12 +104,13 @@ def generate_pg(url: str, n: int) -> None:
             INSERT INTO predictions
             SELECT 'r' || g, TIMESTAMP '{T0.isoformat(sep=' ')}' + make_interval(secs => floor(g * {dt})),
                    'fraud', CASE WHEN c THEN 'v2' ELSE 'v1' END, CASE WHEN c THEN 'canary' ELSE 'stable' END,
-                   'u' || floor(random() * 100000)::int,
+                   'u' || u,
                    '{{"amount": ' || floor(random() * 1000)::int || ', "country": ' || floor(random() * 5)::int || '}}',
                    floor(random() * 2), floor(random() * 1000) / 1000.0, 10 + floor(random() * 1000) / 10.0,
                    CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL
-            FROM (SELECT g, random() * 10000 < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
-                                                 ELSE 5000 END AS c FROM generate_series(0, {n - 1}) g) s
+            FROM (SELECT g, u, (u % 10000) < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
+                                      ELSE 5000 END AS c
+                  FROM (SELECT g, floor(random() * 100000)::int AS u FROM generate_series(0, {n - 1}) g) r) s
         """))
         c.execute(text("""INSERT INTO feedback SELECT request_id, ts + interval '60 seconds', floor(random() * 2),
                           NULL, 'sim' FROM predictions WHERE random() < 0.3"""))

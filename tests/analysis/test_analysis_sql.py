@@ -43,9 +43,9 @@ def engine(request, log, tmp_path_factory):
         eng.dispose()
 
 
-def reference(pred: pd.DataFrame, fb: pd.DataFrame, thr_base: float) -> dict[str, pd.DataFrame]:
+def reference(pred: pd.DataFrame, fb: pd.DataFrame, thr_base: float, windows=WINDOWS) -> dict[str, pd.DataFrame]:
     p = pred[(pred.model == "fraud") & pred.arm.isin(["stable", "canary"])].copy()
-    p["step"] = np.select([(p.ts >= w[2]) & (p.ts < w[3]) for w in WINDOWS], [w[0] for w in WINDOWS], -1)
+    p["step"] = np.select([(p.ts >= w[2]) & (p.ts < w[3]) for w in windows], [w[0] for w in windows], -1)
     p = p[p.step >= 0]
     p["minute"] = (p.ts - pd.Timestamp("1970-01-01")) // pd.Timedelta(minutes=1)
     f = fb[fb.ts <= LOOK_AT].sort_values("ts").groupby("request_id").tail(1).set_index("request_id")["label"]
@@ -99,6 +99,16 @@ def test_look_stats_equals_pandas(engine, log):
         assert row["requests"] == len(sel)
         assert row["units"] == sel.unit_id.dropna().nunique()
         assert row["percent"] == {0: 10.0, 1: 40.0}[row["step"]]
+
+
+def test_rows_between_windows_are_left_out(engine, log):
+    gap = [(0, 10.0, T0, T0 + timedelta(seconds=300)), (1, 40.0, T0 + timedelta(seconds=700), LOOK_AT)]
+    stats = look_stats(engine, "fraud", gap, POLICY, LOOK_AT, thresholds={"slow_base": 25.0})
+    ref = reference(*log, 25.0, windows=gap)
+    got, want = frame(stats.metrics["error_rate"]), ref["error_rate"]
+    assert got.n.sum() == want.n.sum() and got.s1.sum() == want.s1.sum()
+    assert got.n.sum() < frame(look_stats(engine, "fraud", WINDOWS, POLICY, LOOK_AT,
+                                          thresholds={"slow_base": 25.0}).metrics["error_rate"]).n.sum()
 
 
 def test_same_numbers_on_both_databases(log, tmp_path, pg_engine):
