@@ -5,7 +5,8 @@ Run:  PYTHONPATH=include:plugins .venv/bin/python benchmarks/analysis_scale.py [
 
 For each row count and backend it generates a prediction log inside the database (PostgreSQL:
 ``generate_series``; SQLite: a recursive CTE), with the gateway's own schema (Contract 2), sticky units
-(the unit decides the arm, as the gateway's hash routing does), a ramp
+(unit = g * 7919 mod 100000, deterministic so SQLite cannot re-draw it; the unit decides the arm, as the
+gateway's hash routing does), a ramp
 1 -> 5 -> 25 -> 50 % over four steps, 2 % errors, and feedback for 30 % of the requests. Then, in the same
 run and each in a fresh process (so peak memory is the phase's own):
 
@@ -81,7 +82,7 @@ def generate_sqlite(path: str, n: int) -> None:
                CASE WHEN abs(random()) % 100 < 2 THEN 'error' ELSE 'ok' END, NULL
         FROM (SELECT g, u, (u % 10000) < CASE g * 4 / {n} WHEN 0 THEN 100 WHEN 1 THEN 500
                                          WHEN 2 THEN 2500 ELSE 5000 END AS c
-              FROM (SELECT g, abs(random()) % 100000 AS u FROM s))
+              FROM (SELECT g, (g * 7919) % 100000 AS u FROM s))
     """)
     con.execute("""INSERT INTO feedback SELECT request_id, strftime('%Y-%m-%d %H:%M:%S', ts, '+60 seconds')
                     || '.000000', abs(random()) % 2, NULL, 'sim' FROM predictions WHERE abs(random()) % 10 < 3""")
@@ -110,7 +111,7 @@ def generate_pg(url: str, n: int) -> None:
                    CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL
             FROM (SELECT g, u, (u % 10000) < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
                                       ELSE 5000 END AS c
-                  FROM (SELECT g, floor(random() * 100000)::int AS u FROM generate_series(0, {n - 1}) g) r) s
+                  FROM (SELECT g, (g * 7919) % 100000 AS u FROM generate_series(0, {n - 1}) g) r) s
         """))
         c.execute(text("""INSERT INTO feedback SELECT request_id, ts + interval '60 seconds', floor(random() * 2),
                           NULL, 'sim' FROM predictions WHERE random() < 0.3"""))
