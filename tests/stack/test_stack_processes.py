@@ -270,20 +270,38 @@ def test_the_rollout_dags_are_parsed_without_import_errors(stack):
     assert {f"canary_rollout__{s}" for s in specs} <= listed
 
 
-def _log_events(stack: Stack, token: str, run_id: str, task: dict) -> list[str]:
-    """The task's log as event strings, read through the REST API (what the UI's log view shows)."""
+def _log_items(stack: Stack, token: str, run_id: str, task: dict, try_number: int | None = None) -> list[dict]:
+    """The task's structured log through the REST API (what the UI's log view shows); [] if it has none."""
+    number = try_number or task.get("try_number") or 0
+    if number < 1:
+        return []
     answer = _get(stack, token, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task['task_id']}"
-                  f"/logs/{max(task['try_number'], 1)}", full_content="true")
-    assert answer.status_code == 200, answer.text
-    return [str(item.get("event", "")) if isinstance(item, dict) else str(item)
-            for item in answer.json()["content"]]
+                  f"/logs/{number}", full_content="true")
+    if answer.status_code != 200:
+        return [{"event": f"(log not readable: {answer.status_code} {answer.text[:200]})"}]
+    return [item if isinstance(item, dict) else {"event": str(item)} for item in answer.json()["content"]]
 
 
 def _decision_records(stack: Stack, token: str, run_id: str, tasks: dict[str, dict]) -> dict[str, list[str]]:
     """Every decision record written to the ``step_<i>.analyze`` task logs, per task."""
-    return {task_id: [e for e in _log_events(stack, token, run_id, ti) if "DECISION:" in e]
+    return {task_id: [str(e.get("event", "")) for e in _log_items(stack, token, run_id, ti)
+                      if "DECISION:" in str(e.get("event", ""))]
             for task_id, ti in sorted(tasks.items())
             if task_id.endswith(".analyze") and ti["state"] not in ("skipped", None)}
+
+
+def _errors(stack: Stack, token: str, run_id: str, tasks: dict[str, dict]) -> str:
+    """The exceptions in the logs of every try of each task that failed or is retrying, one line each."""
+    lines = []
+    for task_id, ti in sorted(tasks.items()):
+        if ti["state"] not in ("failed", "up_for_retry", "up_for_reschedule") and task_id not in ("rollback", "pause"):
+            continue
+        for number in range(1, (ti.get("try_number") or 0) + 1):
+            for item in _log_items(stack, token, run_id, ti, number):
+                for detail in item.get("error_detail") or []:
+                    lines.append(f"{task_id} try {number}: {detail.get('exc_type')}: "
+                                 f"{str(detail.get('exc_value'))[:700]}")
+    return "\n".join(lines)
 
 
 def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
@@ -330,10 +348,9 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     outcome = (f"run {run_id} is {run.get('state')} after {elapsed:.0f}s (limit {RUN_TIMEOUT}s); "
                f"tasks not skipped: {states}\n"
                + "\n\n".join(f"--- last decision record in {t} ---\n{r}" for t, r in last_records.items()))
-    for task_id in ("rollback", "pause", "fail_safe"):
-        if task_id in states:  # why the run took that path, from the task's own log
-            said = [e for e in _log_events(stack, token, run_id, tasks[task_id]) if e.strip()][-3:]
-            outcome += f"\n--- {task_id} log (last lines) ---\n" + "\n".join(e[:600] for e in said)
+    errors = _errors(stack, token, run_id, tasks)
+    if errors:
+        outcome += "\n--- exceptions in task logs ---\n" + errors
 
     assert run["state"] == "success", outcome
     for task_id in ("validate", "preflight", "promote", "post_deploy_hold", "drift_check", "report"):
