@@ -111,7 +111,7 @@ def generate_pg(url: str, n: int) -> None:
                    CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL
             FROM (SELECT g, u, (u % 10000) < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
                                       ELSE 5000 END AS c
-                  FROM (SELECT g, (g * 7919) % 100000 AS u FROM generate_series(0, {n - 1}) g) r) s
+                  FROM (SELECT g, (g::bigint * 7919) % 100000 AS u FROM generate_series(0, {n - 1}) g) r) s
         """))
         c.execute(text("""INSERT INTO feedback SELECT request_id, ts + interval '60 seconds', floor(random() * 2),
                           NULL, 'sim' FROM predictions WHERE random() < 0.3"""))
