@@ -47,6 +47,28 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
         proc.wait(5)
 
 
+def _stop_group(proc: subprocess.Popen | None, timeout: float = 60) -> None:
+    """Stop ``airflow standalone`` and every process it started (it runs in its own process group):
+    SIGINT like Ctrl-C, then SIGTERM, then SIGKILL for whatever is left."""
+    if proc is None:
+        return
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; give the rest of the group a moment, then make sure it is gone too
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     paths = StackPaths(Path(args.var_dir).resolve())
@@ -57,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(args.airflow_port),
         "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{args.airflow_port}",
+        # task processes reach the API server here (the default, localhost:8080, breaks on another port)
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{args.airflow_port}/execution/",
+        # airflow standalone starts its parts as `airflow <command>`: the venv's bin must be on PATH
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
     if not args.real_specs:
         spec_dir = paths.var / "demo" / "rollouts"
@@ -64,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         env["CANARY_ROLLOUTS_DIR"] = str(spec_dir)
     os.environ.update(env)
 
+    # DAGs first created by `python -m canary_demo` (dag.test) are paused; a UI user expects them on.
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "airflow", "dags", "unpause", "--treat-dag-id-as-regex", "-y",
+                    "^canary_rollout__"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not (paths.models / args.model).is_dir():
         print(f"training the demo models into {paths.models} ...", flush=True)
         subprocess.run([sys.executable, "-m", "demo_models.train", "--out", str(paths.models)], env=env, check=True)
 
+    def _terminate(signum, frame):  # SIGTERM (e.g. from a process manager): clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     gateway = simulator = airflow = None
     try:
         gateway = start_gateway(paths, token, args.gateway_port)
@@ -82,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"airflow: http://127.0.0.1:{args.airflow_port} (AIRFLOW_HOME {paths.airflow_home}; the admin "
               "password is printed below and stored in simple_auth_manager_passwords.json.generated there)",
               flush=True)
-        airflow = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env)
+        airflow = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, start_new_session=True)
         return airflow.wait()
     except DemoError as exc:
         print(f"airflow_local: {exc}", file=sys.stderr)
@@ -90,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(airflow, 60)
+        _stop_group(airflow)
         _stop(simulator)
         if gateway is not None:
             gateway.stop()
