@@ -105,6 +105,7 @@ def _print_result(result, index: int) -> None:
     route = result.route
     canary = f", canary {route.get('canary')} at {route.get('canary_percent'):g} %" if route.get("canary") else ""
     print(f"    route after the run: stable {route.get('stable')}{canary} (generation {route.get('generation')})")
+    print(f"    notifications received by the webhook: {', '.join(result.notifications or []) or 'none'}")
     print(f"    report: {result.report_path or '(none)'}")
     print(f"    full log: {result.log_path}")
     if result.problems:
@@ -124,15 +125,19 @@ def run_demo(args: argparse.Namespace) -> int:
     token = new_token()
     port = args.port or free_port()
     spec_dir = paths.var / "demo" / "rollouts"
-    env = airflow_env(paths, gateway_port=port, token=token)
+    from canary_demo.webhook import WebhookReceiver
+
+    receiver = WebhookReceiver(new_token()).start()
+    env = airflow_env(paths, gateway_port=port, token=token, webhook_conn=receiver.connection())
     env["CANARY_ROLLOUTS_DIR"] = str(spec_dir)
     os.environ.update(env)  # before Airflow is imported anywhere in this process
 
-    clock.say(f"state folder {paths.var}; logs in {paths.logs}")
+    clock.say(f"state folder {paths.var}; logs in {paths.logs}; notifications go to a webhook on "
+              f"127.0.0.1:{receiver.port}")
     _fresh_state(paths)
     clock.say("migrating the Airflow DB (var/airflow) and training the demo models (var/models) ...")
     _setup_airflow_and_models(paths, env)
-    spec_path = write_demo_spec(spec_dir)
+    spec_path = write_demo_spec(spec_dir, webhook_conn_id="canary_webhook")
     clock.say(f"demo spec (holds of seconds) written to {spec_path}")
 
     gateway = start_gateway(paths, token, port)
@@ -159,6 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
             clock.say(f"rollout {i}/{len(cases)}: {case.candidate} against stable {stable_before} "
                       f"(expected: {case.expect.replace('_', ' ')}); conf {case.conf()}")
             result = run_case(case, dag_id, get_route, paths.logs / f"rollout-{i}-{case.candidate}.log")
+            result.notifications = receiver.events_for(result.run_id)
             result.problems = check(result, stable_before)
             clock.say(f"rollout {i} ended {result.state} after {result.seconds:.0f} s: {result.outcome}"
                       + ("" if result.ok else " (NOT AS EXPECTED)"))
@@ -167,6 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if traffic is not None:
             traffic.stop()
         gateway.stop()
+        receiver.stop()
 
     print("\n=== Summary " + "=" * 60)
     for i, result in enumerate(results, start=1):

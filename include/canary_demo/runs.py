@@ -67,6 +67,7 @@ class RolloutResult:
     errors: list[str]
     log_path: Path
     xcoms: dict[str, Any] = field(default_factory=dict, repr=False)
+    notifications: list[str] | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -288,6 +289,10 @@ def check(result: RolloutResult, stable_before: str) -> list[str]:
             )
     if float(route.get("canary_percent") or 0) != 0.0:
         problems.append(f"the canary still has {route.get('canary_percent')} % of the traffic after the run")
+    if result.notifications is not None:
+        event = "promotion" if case.expect == "promoted" else "rollback"
+        if event not in result.notifications:
+            problems.append(f"no {event} notification reached the webhook (received: {result.notifications})")
     if not result.report_path or not Path(result.report_path).is_file():
         problems.append(f"no HTML report was written (report task XCom: {result.report_path!r})")
     return problems

@@ -66,8 +66,10 @@ CASES: tuple[RolloutCase, ...] = (
 SPECS = REPO / "include" / "rollouts"
 
 
-def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The demo spec as a dict: the real spec file with :data:`DEMO_TIMINGS` applied."""
+def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None,
+              webhook_conn_id: str | None = None) -> dict[str, Any]:
+    """The demo spec as a dict: the real spec file with :data:`DEMO_TIMINGS` applied (and the webhook
+    connection of the demo's notification receiver, when given)."""
     import yaml
 
     source = source or SPECS / f"{MODEL}.yaml"
@@ -80,6 +82,8 @@ def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None)
     for metric in spec.get("metrics", []):
         if metric.get("label_delay") is not None:
             metric["label_delay"] = t["label_delay"]
+    if webhook_conn_id:
+        spec["notifications"] = {**(spec.get("notifications") or {}), "webhook_conn_id": webhook_conn_id}
     spec["description"] = (
         f"Demo copy of include/rollouts/{source.name} with hold windows of seconds (written by canary_demo).\n"
         + str(spec.get("description") or "")
@@ -87,7 +91,8 @@ def demo_spec(source: Path | None = None, timings: dict[str, Any] | None = None)
     return spec
 
 
-def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None, source: Path | None = None) -> Path:
+def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None, source: Path | None = None,
+                    webhook_conn_id: str | None = None) -> Path:
     """Write the demo copy of ``source`` (default the fraud spec) into ``folder`` and check it with the
     real loader (which names the field if the demo timings do not fit the spec rules)."""
     import yaml
@@ -98,7 +103,7 @@ def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None, source:
     path = folder / source.name
     path.write_text(
         f"# Written by canary_demo: {source.name} with holds of seconds. Edit include/rollouts/{source.name}.\n"
-        + yaml.safe_dump(demo_spec(source, timings), sort_keys=False)
+        + yaml.safe_dump(demo_spec(source, timings, webhook_conn_id), sort_keys=False)
     )
     load_spec(path)
     return path

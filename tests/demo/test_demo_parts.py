@@ -120,3 +120,24 @@ def test_demo_refuses_to_pretend_without_a_dag_file(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "DAG_FILE", tmp_path / "missing.py")
     with pytest.raises(DemoError, match="does not exist"):
         runs.load_dag("canary_rollout__fraud")
+
+
+def test_the_demo_webhook_receives_notify_payloads_with_its_token(monkeypatch):
+    import json
+
+    import requests
+    from canary.notify import notify
+    from canary_demo.webhook import WebhookReceiver
+
+    receiver = WebhookReceiver("demo-token-0123456789").start()
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_CANARY_WEBHOOK", json.dumps(receiver.connection()))
+        results = notify("rollback", {"model": "fraud", "candidate": "v4", "run_id": "r-1", "reason": "harm"},
+                         {"webhook_conn_id": "canary_webhook", "email": []})
+        assert [r.ok for r in results] == [True]
+        assert receiver.events_for("r-1") == ["rollback"] and receiver.events_for("other") == []
+        wrong = requests.post(f"http://127.0.0.1:{receiver.port}/canary", json={"run_id": "r-1"},
+                              headers={"Authorization": "Bearer nope"}, timeout=5)
+        assert wrong.status_code == 403 and receiver.rejected == 1 and len(receiver.payloads) == 1
+    finally:
+        receiver.stop()
