@@ -13,8 +13,9 @@ import hmac
 import json
 import logging
 import math
+import os
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gateway.names import MAX_UNIT_ID_LENGTH, REQUEST_ID_PATTERN, is_valid_name
-from gateway.registry import STAGES, BadFeatures, UnknownModel, UnknownVersion, UnloadableVersion
+from gateway.registry import (
+    STAGES,
+    BadFeatures,
+    LoadedModel,
+    UnknownModel,
+    UnknownVersion,
+    UnloadableVersion,
+)
 from gateway.routing import RouteRequestError, assign, parse_renew_request, parse_route_request, utcnow
 from gateway.service import Gateway, GatewayConfig, NoRoute, RouteConflict, RouteInvalid
 from gateway.store import prediction_row
@@ -31,6 +39,15 @@ from gateway.store import prediction_row
 log = logging.getLogger("gateway")
 
 MAX_BODY_BYTES = 1_000_000
+
+# Request ids: 128 random bits from a generator seeded once from the OS. uuid4() calls os.urandom per id, which
+# releases the GIL on the event loop thread and then waits to get it back behind the writer thread.
+_ids = random.Random(os.urandom(32))
+
+
+def new_request_id() -> str:
+    """A fresh 32-hex-digit request id."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def _json(status: int, payload: Any) -> Response:
@@ -129,13 +146,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         gateway.metrics.requests.labels(model, version, arm, status).inc()
         gateway.metrics.latency.labels(model, version, arm).observe(seconds)
 
-    async def _call_model(
-        model: str, version: str, values: list[float]
-    ) -> tuple[Any, Any, float, str | None]:
+    async def _call_model(loaded: LoadedModel, values: list[float]) -> tuple[Any, Any, float, str | None]:
         """(prediction, score, latency seconds, error text)."""
         started = time.perf_counter()
         try:
-            loaded = gateway.registry.load(model, version)
             if loaded.is_fast(config.inline_threshold_ms):
                 # a sub-millisecond model costs less on the event loop than a hand-off to a worker thread
                 prediction, score = loaded.predict(values)
@@ -148,14 +162,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return None, None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"[:1000]
 
     async def _shadow(model: str, version: str, unit_id: str | None, features: dict) -> None:
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         ts = utcnow()
         try:
-            values = gateway.registry.load(model, version).row(features)
+            loaded = gateway.registry.load(model, version)
+            values = loaded.row(features)
         except (BadFeatures, UnknownVersion, UnloadableVersion) as exc:
             values, error = None, f"{type(exc).__name__}: {exc}"
         if values is not None:
-            prediction, score, seconds, error = await _call_model(model, version, values)
+            prediction, score, seconds, error = await _call_model(loaded, values)
         else:
             prediction, score, seconds = None, None, 0.0
         status = "ok" if error is None else "error"
@@ -185,8 +200,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/models/{model}/predict")
-    async def predict(model: str, request: Request) -> Response:
+    async def predict(request: Request) -> Response:
+        model = request.path_params["model"]
         _check_model_name(model)
         if not gateway.registry.has_model(model):
             raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
@@ -205,7 +220,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             )
         request_id = body.get("request_id")
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
         elif not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
             raise HTTPException(
                 422,
@@ -229,7 +244,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             except BadFeatures as exc:
                 raise HTTPException(422, f"{exc}") from None
             logged_features = {name: features[name] for name in loaded.features}
-            prediction, score, seconds, error = await _call_model(model, chosen.version, values)
+            prediction, score, seconds, error = await _call_model(loaded, values)
         else:
             logged_features, prediction, score, seconds, error = features, None, None, 0.0, load_error
         status = "ok" if error is None else "error"
@@ -274,8 +289,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             },
         )
 
-    @app.post("/v1/models/{model}/feedback", status_code=202)
-    async def post_feedback(model: str, request: Request) -> Response:
+    async def post_feedback(request: Request) -> Response:
+        model = request.path_params["model"]
         _check_model_name(model)
         body = await _body(request)
         if not isinstance(body, dict):
@@ -316,6 +331,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         }
         await run_in_threadpool(gateway.log.put_feedback, row)
         return _json(202, {"request_id": request_id, "status": "accepted"})
+
+    # The two hot endpoints are plain Starlette routes: FastAPI's dependency resolution costs more per request
+    # than the routing and logging do, and they parse their bodies themselves anyway.
+    app.router.add_route("/v1/models/{model}/predict", predict, methods=["POST"])
+    app.router.add_route("/v1/models/{model}/feedback", post_feedback, methods=["POST"])
 
     @app.get("/v1/models/{model}/route")
     async def get_route(model: str) -> Response:

@@ -25,6 +25,7 @@ STAGES = ("production", "candidate", "archived")
 KINDS = ("classifier", "regressor")
 ARTIFACT = "model.joblib"
 METADATA = "metadata.json"
+ARTIFACT_CHECK_SECONDS = 2.0  # a replaced model.joblib is picked up within this time
 
 
 class UnknownModel(LookupError):
@@ -165,6 +166,7 @@ class VersionEntry:
     load_error: str | None = None
     loaded: LoadedModel | None = None
     loaded_mtime: float | None = None
+    checked_at: float = float("-inf")
     meta_mtime: float | None = None
 
     def describe(self) -> dict:
@@ -288,7 +290,11 @@ class ModelRegistry:
     def load(self, model: str, version: str) -> LoadedModel:
         """The loaded version (cached until its artifact changes); raise `UnloadableVersion` with the reason."""
         entry = self.entry(model, version)
+        now = time.monotonic()
+        if entry.loaded is not None and now - entry.checked_at < ARTIFACT_CHECK_SECONDS:
+            return entry.loaded  # hot path: no filesystem call (a stat releases the GIL and costs a hand-off)
         with self._lock:
+            entry.checked_at = now
             artifact = entry.path / ARTIFACT
             try:
                 mtime = artifact.stat().st_mtime

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,18 +121,19 @@ def _insert_ignoring_duplicates(engine: Engine, table: Table):  # noqa: ANN202 -
     return insert(table)
 
 
-_STOP = object()
-
-
 @dataclass
 class PredictionLog:
     """Background batch writer of predictions and feedback with an in-memory index of recent request ids.
+
+    The request path appends to a deque and never wakes the writer: the writer sleeps `flush_interval`, then
+    takes everything queued in batches of `batch_size`. (A `queue.Queue` would wake the writer thread for every
+    row, and each wake-up is a GIL hand-off the event loop pays for.)
 
     :param engine: SQLAlchemy engine of the log database.
     :param enabled: False disables writing predictions (benchmark baseline only; feedback then always 404s).
     :param batch_size: most rows per transaction.
     :param max_queue: queue bound; a full queue makes `put` wait (back-pressure), it never drops a row.
-    :param flush_interval: longest wait before a partial batch is written, seconds.
+    :param flush_interval: how long the writer sleeps between batches, seconds.
     :param recent_ids: how many committed request ids to remember for feedback look-ups without a query.
     :param spill_path: where rows go if the database still refuses them when the gateway stops.
     :param on_written: called with the number of prediction rows committed (metrics).
@@ -147,7 +147,9 @@ class PredictionLog:
     recent_ids: int = 200_000
     spill_path: Path | None = None
     on_written: Callable[[int], None] | None = None
-    _queue: queue.Queue = field(init=False)
+    _queue: deque = field(default_factory=deque, init=False)
+    _room: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _pending: dict[str, str] = field(default_factory=dict, init=False)
     _recent: OrderedDict = field(default_factory=OrderedDict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -155,12 +157,12 @@ class PredictionLog:
     rows_written: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._queue = queue.Queue(maxsize=self.max_queue)
         self._insert_prediction = _insert_ignoring_duplicates(self.engine, predictions)
         self._insert_feedback = insert(feedback)
 
     def start(self) -> None:
         """Start the writer thread."""
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
         self._thread.start()
 
@@ -168,18 +170,16 @@ class PredictionLog:
         """Write every queued row, then stop the writer (called from the gateway's shutdown)."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._stopping.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error(
-                "prediction log writer did not finish within %.0fs; %d rows queued", timeout, self.backlog
-            )
+            log.error("prediction log writer did not finish within %.0fs; %d rows queued", timeout, self.backlog)
         self._thread = None
 
     @property
     def backlog(self) -> int:
         """Rows accepted but not yet committed."""
-        return len(self._pending)
+        return len(self._queue)
 
     def known(self, request_id: str) -> str | None:
         """The model of a request id that is queued or recently committed, else None (then ask the database)."""
@@ -187,25 +187,30 @@ class PredictionLog:
             return self._pending.get(request_id) or self._recent.get(request_id)
 
     def try_put_prediction(self, row: dict) -> bool:
-        """Queue a prediction row without waiting; False when the queue is full (caller then waits)."""
+        """Queue a prediction row without waiting; False when the queue is full (then call the blocking put)."""
         if not self.enabled:
             return True
         with self._lock:
             self._pending[row["request_id"]] = row["model"]
-        try:
-            self._queue.put_nowait(("p", row))
-            return True
-        except queue.Full:
+        if len(self._queue) >= self.max_queue:
             return False
+        self._queue.append(("p", row))
+        return True
+
+    def _put_blocking(self, item: tuple[str, dict]) -> None:
+        with self._room:
+            while len(self._queue) >= self.max_queue:
+                self._room.wait(0.05)
+            self._queue.append(item)
 
     def put_prediction_blocking(self, row: dict) -> None:
         """Queue a prediction row, waiting while the queue is full (back-pressure)."""
         if self.enabled:
-            self._queue.put(("p", row))
+            self._put_blocking(("p", row))
 
     def put_feedback(self, row: dict) -> None:
         """Queue a feedback row, waiting while the queue is full."""
-        self._queue.put(("f", row))
+        self._put_blocking(("f", row))
 
     def lookup_model(self, request_id: str) -> str | None:
         """The model that answered `request_id`: memory first (queued or recent), then the database."""
@@ -218,36 +223,17 @@ class PredictionLog:
             ).scalar_one_or_none()
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch = []
-            if item is _STOP:
-                stopping = True
-            else:
-                batch.append(item)
-            deadline = time.monotonic() + self.flush_interval
-            while len(batch) < self.batch_size and not stopping:
-                timeout = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
-            if stopping:  # drain everything that was accepted before the stop
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not _STOP:
-                        batch.append(item)
-            if batch:
-                for start in range(0, len(batch), self.batch_size):
-                    self._write(batch[start : start + self.batch_size], final=stopping)
+        while True:
+            stopping = self._stopping.wait(self.flush_interval)
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < self.batch_size:
+                    batch.append(self._queue.popleft())
+                with self._room:
+                    self._room.notify_all()
+                self._write(batch, final=stopping)
+            if stopping:
+                return
 
     def _write(self, batch: list[tuple[str, dict]], final: bool) -> None:
         preds = [row for kind, row in batch if kind == "p"]
