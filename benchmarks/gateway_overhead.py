@@ -8,7 +8,7 @@ One run measures, on the same machine and the same model (fraud v1):
 2. the gateway with logging at a sustained `--rate` (open loop: requests are sent on a fixed schedule, not when
    the previous one returns): added latency p50/p99 = gateway round trip minus in-process call, errors, and lost
    rows (answered request ids missing from the log after a graceful stop);
-3. the same at the same rate with `--no-log`;
+3. the same at the same rate with `--no-log` (2 and 3 run in alternating slices, so background load hits both);
 4. saturation throughput (closed loop, `--concurrency` connections) with and without logging, measured in
    alternating one-second rounds on both gateways, and their ratio.
 
@@ -202,17 +202,30 @@ def _count_logged(db_url: str, ids: list[str]) -> int:
     return int(found)
 
 
-def sustained_phase(gw, db_url: str | None, bodies: list[bytes], args: argparse.Namespace, label: str) -> Phase:
-    """Open-loop phase at `args.rate`: latency, errors and (for a logging gateway) the answered request ids."""
-    url = f"{gw.url}/v1/models/fraud/predict"
-    latencies, ids, errors, seconds, lag = asyncio.run(_open_loop(url, bodies, args.rate, args.duration, args.warmup))
-    if lag > 50:
-        print(f"  note: the load generator fell behind its schedule by up to {lag:.0f} ms ({label})", file=sys.stderr)
-    phase = Phase(f"gateway {label} @ {args.rate:g}/s", len(latencies) + errors, len(latencies), errors, seconds,
-                  len(latencies) / seconds, _pct(latencies, 50), _pct(latencies, 99),
-                  max(latencies) if latencies else float("nan"))
-    phase.answered_ids = ids  # type: ignore[attr-defined]
-    return phase
+def sustained_phases(gateways: dict[str, object], bodies: list[bytes], args: argparse.Namespace) -> list[Phase]:
+    """Open-loop phases at `args.rate` on each gateway, in alternating slices of `duration / rounds` seconds (so
+    the machine's changing background load hits both alike): latency, errors and the answered request ids."""
+    got = {label: ([], [], 0, 0.0) for label in gateways}
+    warm = args.warmup
+    for _ in range(args.rounds):
+        for label, gw in gateways.items():
+            url = f"{gw.url}/v1/models/fraud/predict"
+            lat, ids, errors, seconds, lag = asyncio.run(
+                _open_loop(url, bodies, args.rate, args.duration / args.rounds, warm)
+            )
+            if lag > 50:
+                print(f"  note: the load generator fell behind its schedule by up to {lag:.0f} ms ({label})",
+                      file=sys.stderr)
+            all_lat, all_ids, all_err, all_sec = got[label]
+            got[label] = (all_lat + lat, all_ids + ids, all_err + errors, all_sec + seconds)
+        warm = 0.2
+    phases = []
+    for label, (lat, ids, errors, seconds) in got.items():
+        phase = Phase(f"gateway {label} @ {args.rate:g}/s", len(lat) + errors, len(lat), errors, seconds,
+                      len(lat) / seconds, _pct(lat, 50), _pct(lat, 99), max(lat) if lat else float("nan"))
+        phase.answered_ids = ids  # type: ignore[attr-defined]
+        phases.append(phase)
+    return phases
 
 
 def saturation_phases(gateways: dict[str, object], bodies: list[bytes], args: argparse.Namespace) -> list[Phase]:
@@ -256,7 +269,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="sustained request rate (default 500/s)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds at the rate (default 20)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating 1 s saturation rounds per gateway")
+    parser.add_argument(
+        "--rounds", type=int, default=5,
+        help="alternating slices per gateway: the rate phase in slices of duration/rounds, saturation in 1 s rounds",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop connections (default 16)")
     parser.add_argument("--db-url", default=None, help="log database (default: a fresh SQLite file)")
     parser.add_argument(
@@ -292,8 +308,8 @@ def main() -> int:
     gw_log = start_gateway(model_dir, logged_db)
     gw_nolog = start_gateway(model_dir, f"sqlite:///{work / 'unused.db'}", extra_args=["--no-log"])
     try:
-        with_log = sustained_phase(gw_log, logged_db, payloads, args, "with logging")
-        without_log = sustained_phase(gw_nolog, None, payloads, args, "without logging")
+        with_log, without_log = sustained_phases({"with logging": gw_log, "without logging": gw_nolog}, payloads,
+                                                 args)
         sat_log, sat_nolog = saturation_phases({"with logging": gw_log, "without logging": gw_nolog}, payloads, args)
     finally:
         gw_nolog.stop()
