@@ -607,12 +607,13 @@ def build_run(
             "step_started_at": step.get("step_started_at"),
             "looks": looks,
         })
+    model = spec.get("model") or pre.get("model")
     return {
-        "model": spec.get("model") or pre.get("model"),
+        "model": model,
         "stable": pre.get("stable"),
         "candidate": pre.get("candidate") or plan.get("candidate"),
         "run_id": plan.get("run_id"),
-        "dag_id": dag_id,
+        "dag_id": dag_id or (f"canary_rollout__{model}" if model else None),
         "outcome": outcome,
         "reason": reason,
         "started_at": pre.get("rollout_started_at"),
