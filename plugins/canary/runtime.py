@@ -50,6 +50,7 @@ __all__ = [
     "power_plan",
     "offline_gate",
     "root_cause",
+    "worst_segments",
     "json_safe",
     "HoldSettings",
     "PLAN_VERSION",
@@ -996,11 +997,13 @@ def root_cause(verdict: dict[str, Any] | None) -> dict[str, Any]:
             })
     dq = v.get("data_quality") or {}
     drift = v.get("drift") or {}
-    drifting = drift.get("features") or drift.get("results") or []
-    if isinstance(drifting, dict):
-        drifting = [{"feature": k, **(val if isinstance(val, dict) else {"value": val})} for k, val in drifting.items()]
-    drifting = sorted([d for d in drifting if isinstance(d, dict)],
-                      key=lambda d: -float(d.get("psi") or d.get("score") or 0.0))[:5]
+    columns = drift.get("columns") or {}
+    drifting = [
+        {"feature": name, **{k: r.get(k) for k in ("kind", "psi", "js", "ks", "threshold", "drifted")}}
+        for name, r in columns.items() if isinstance(r, dict) and r.get("threshold")
+    ]
+    # Largest first, as a multiple of each column's own threshold (PSI and JS are on different scales).
+    drifting = sorted(drifting, key=lambda d: -float(d.get("psi") or d.get("js") or 0.0) / float(d["threshold"]))[:5]
     return {
         "decision": v.get("decision"),
         "reason": v.get("reason"),
@@ -1008,16 +1011,76 @@ def root_cause(verdict: dict[str, Any] | None) -> dict[str, Any]:
         "data_quality_failures": list(dq.get("failures") or []) if dq and not dq.get("success", True) else [],
         "top_drifting_features": drifting,
         "srm": {k: (v.get("srm") or {}).get(k) for k in ("p_value", "mismatch")} if v.get("srm") else None,
-        "worst_segments": _worst_segments(v),
+        "worst_segments": [],
     }
 
 
-def _worst_segments(v: dict[str, Any]) -> list[dict[str, Any]]:
-    segments = []
-    for m in v.get("metrics") or []:
-        for seg in m.get("segments") or []:
-            segments.append({"metric": m.get("name"), **seg})
-    return sorted(segments, key=lambda s: -float(s.get("diff") or 0.0))[:5]
+#: Most distinct values a feature may have to be used as a segment in the root cause.
+SEGMENT_MAX_VALUES = 12
+
+
+def worst_segments(plan: dict[str, Any], pre: dict[str, Any], windows: list[tuple[datetime, datetime]],
+                   metric_names: list[str], limit: int = 5) -> list[dict[str, Any]]:
+    """Where the canary did worst: per low-cardinality feature value (e.g. ``country=4``), each metric's mean
+    on the canary and on stable over the recorded windows, ranked by the harm-direction difference.
+
+    Descriptive (no test): it points a human at the segment to look at first.
+    """
+    import json
+
+    spec = _spec(plan)
+    metrics = [m for m in spec.get("metrics", []) if m["name"] in metric_names] or list(spec.get("metrics", []))
+    rows: list[dict[str, Any]] = []
+    log = _log_hook(plan)
+    for start, end in windows:
+        rows += log.window_rows(_model(plan), start=start, end=end,
+                                versions={"stable": pre["stable"], "canary": pre["candidate"]},
+                                with_labels=True, with_features=True, limit=20000)
+    feats: dict[str, set] = {}
+    parsed = []
+    for r in rows:
+        try:
+            f = json.loads(r.get("features") or "{}")
+        except ValueError:
+            f = {}
+        parsed.append(f if isinstance(f, dict) else {})
+        for k, val in parsed[-1].items():
+            feats.setdefault(k, set()).add(val)
+    segment_features = [k for k, vals in feats.items() if 1 < len(vals) <= SEGMENT_MAX_VALUES]
+    baseline = pre.get("baseline") or {}
+    out = []
+    for m in metrics:
+        thr = _threshold(m, baseline)
+        sign = 1.0 if m.get("direction", "decrease") == "decrease" else -1.0
+        for feat in segment_features:
+            cells: dict[tuple[Any, str], list[float]] = {}
+            for r, f in zip(rows, parsed, strict=True):
+                x = metric_value(m, r, thr)
+                if not math.isnan(x):
+                    cells.setdefault((f.get(feat), r["arm"]), []).append(x)
+            for value in {k[0] for k in cells}:
+                c, st = cells.get((value, "canary"), []), cells.get((value, "stable"), [])
+                if len(c) < 5 or len(st) < 5:
+                    continue
+                cm, sm = sum(c) / len(c), sum(st) / len(st)
+                out.append({"metric": m["name"], "segment": f"{feat}={value:g}" if isinstance(value, float)
+                            else f"{feat}={value}", "canary": cm, "stable": sm, "diff": cm - sm,
+                            "harm": sign * (cm - sm), "n_canary": len(c), "n_stable": len(st)})
+    out.sort(key=lambda d: -d["harm"])
+    return [d for d in out if d["harm"] > 0][:limit]
+
+
+def _step_windows(plan: dict[str, Any]) -> list[tuple[datetime, datetime]]:
+    """The recorded (step start, last look) of every step of this run, from XCom (empty outside a task)."""
+    from canary.hooks.timeutil import parse_ts
+
+    out = []
+    for i in range(1, len(_spec(plan).get("steps") or []) + 1):
+        st = _xcom(f"step_{i}.set_traffic")
+        look = (_xcom(f"step_{i}.analyze") or {}).get("look_at") or (_xcom(f"step_{i}.hold") or {}).get("look_at")
+        if st and look:
+            out.append((parse_ts(st["step_started_at"]), parse_ts(look)))
+    return out
 
 
 def root_cause_text(rc: dict[str, Any]) -> str:
@@ -1032,7 +1095,8 @@ def root_cause_text(rc: dict[str, Any]) -> str:
     for d in rc["top_drifting_features"]:
         lines.append(f"  drifting feature: {d}")
     for s in rc["worst_segments"]:
-        lines.append(f"  segment: {s}")
+        lines.append(f"  worst segment for {s['metric']}: {s['segment']}: canary {s['canary']:.4g} "
+                     f"(n={s['n_canary']}) vs stable {s['stable']:.4g} (n={s['n_stable']})")
     return "\n".join(lines)
 
 
@@ -1093,6 +1157,11 @@ def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] 
     v = _unwrap_verdict(verdict)
     route, changed = _to_zero(plan, pre.get("candidate"), "rollback")
     rc = root_cause(v)
+    try:
+        rc["worst_segments"] = worst_segments(plan, pre, _step_windows(plan),
+                                              [f["metric"] for f in rc["failing_metrics"]])
+    except Exception as exc:  # noqa: BLE001 - the root cause is for humans; the rollback must not fail on it
+        _log("worst segments not computed: %s", exc)
     reason = v.get("reason") or "inconclusive at the cap (on_inconclusive: rollback)"
     text = root_cause_text(rc)
     _log("rollback of %s %s:\n%s", _model(plan), pre.get("candidate"), text)

@@ -164,3 +164,8 @@ def test_breaker_ends_the_hold_early_and_the_look_rolls_back(plan, gateway, rout
     analysis = runtime.analyze(plan, pre, steps, None)
     assert analysis["verdict"]["decision"] == "rollback"
     assert "circuit breaker" in analysis["verdict"]["reason"] and "circuit breaker" in analysis["record"]
+    # The root cause points at the segment: country 4 is where the canary fails.
+    segments = runtime.worst_segments(plan, pre, [(parse_ts(route.updated_at), parse_ts(event["look_at"]))],
+                                      ["error_rate"])
+    assert segments[0]["metric"] == "error_rate" and segments[0]["segment"] == "country=4", segments
+    assert segments[0]["canary"] == 1.0 and segments[0]["stable"] == 0.0
