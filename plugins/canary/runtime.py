@@ -497,9 +497,10 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
                                  "margin_type": m.get("margin_type")}
     deadline = _seconds(spec.get("deadline", 86400))
     post_s = _seconds((spec.get("post_deploy") or {}).get("window", 0))
-    planned = max((p["total"] for p in promotion.values() if p.get("total")), default=None)
-    if not planned:
-        planned = max(int(n_canary), 2 * min_samples)
+    # The promotion test's requirement (``SamplePlan.total``, the judge's intended planned information);
+    # without a baseline, the expected canary samples of the plan.
+    needed = max((p["total"] for p in promotion.values() if p.get("total")), default=0)
+    planned = int(needed) if needed else max(int(n_canary), 2 * min_samples)
     return {
         "rate_per_s": rate,
         "steps": steps_out,
@@ -1211,9 +1212,25 @@ def promote(plan: dict[str, Any], pre: dict[str, Any], last_route: dict[str, Any
         note = f"stable is now {candidate} (was {stable})"
     router.set_stage(model, candidate, "production")
     _log("promote %s: %s; registry stage production; route %s", model, note, route.to_dict())
+    _asset_extra(model, {"model": model, "version": candidate, "previous": stable, "run_id": plan.get("run_id"),
+                         "promoted_at": route.updated_at})
     notes = _notify(plan, "promotion", _payload(plan, pre, "promote", note))
     return {"route": route.to_dict(), "promoted_at": route.updated_at, "stable": candidate,
             "previous_stable": stable, "notifications": notes}
+
+
+def _asset_extra(model: str, extra: dict[str, Any]) -> None:
+    """Attach ``extra`` to the task's outlet Asset event ``canary://<model>/promoted`` (the factory declares
+    the outlet; Airflow emits the event when the task succeeds). Outside a task this does nothing."""
+    ctx = _context()
+    if ctx is None or "outlet_events" not in ctx:
+        return
+    from airflow.sdk import Asset
+
+    try:
+        ctx["outlet_events"][Asset(f"canary://{model}/promoted")].extra = extra
+    except Exception as exc:  # noqa: BLE001 - the event itself is emitted by Airflow regardless
+        _log("could not attach details to the promoted Asset event: %s", exc)
 
 
 def drift_check(plan: dict[str, Any], pre: dict[str, Any], post: dict[str, Any] | None) -> dict[str, Any]:
