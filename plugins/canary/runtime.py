@@ -497,10 +497,14 @@ def power_plan(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
                                  "margin_type": m.get("margin_type")}
     deadline = _seconds(spec.get("deadline", 86400))
     post_s = _seconds((spec.get("post_deploy") or {}).get("window", 0))
-    # The promotion test's requirement (``SamplePlan.total``, the judge's intended planned information);
-    # without a baseline, the expected canary samples of the plan.
+    # Planned (maximum) information: the canary samples the rollout holds if its last step runs to its cap,
+    # or the promotion test's requirement when larger. Past full information a group-sequential boundary has
+    # no alpha left (it is infinite), so a smaller plan would leave the harm test blind for the rest of an
+    # extended step; this way it reaches 1 at the cap at the latest.
+    last_pct = float((spec.get("steps") or [0])[-1]) / 100.0
+    at_cap = sum(st["expected_canary_requests"] for st in steps_out[:-1]) + rate * last_pct * max_wait
     needed = max((p["total"] for p in promotion.values() if p.get("total")), default=0)
-    planned = int(needed) if needed else max(int(n_canary), 2 * min_samples)
+    planned = max(int(at_cap), int(needed), 2 * min_samples)
     return {
         "rate_per_s": rate,
         "steps": steps_out,
@@ -558,7 +562,8 @@ def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any
         )
     lines.append(
         f"  expected total {plan['expected_total_s']:.0f}s (deadline {plan['deadline_s']:.0f}s), "
-        f"~{plan['expected_exposed_requests']} requests exposed to the candidate"
+        f"~{plan['expected_exposed_requests']} requests exposed to the candidate; planned information "
+        f"{plan['planned_canary_samples']} canary samples (the last step at its cap)"
     )
     for name, p in (plan.get("promotion_samples") or {}).items():
         if p.get("total"):
