@@ -17,9 +17,11 @@ from canary_demo.stack import REPO
 MODEL = "fraud"
 STABLE = "v1"
 
-#: Durations of the demo spec (seconds). Labels arrive within ``label_delay`` from the simulator.
+#: Durations of the demo spec (seconds). Labels arrive within ``label_delay`` from the simulator. The cap
+#: (``max_wait``) leaves room for the judge's cluster-robust variance, which needs at least three minutes
+#: of traffic per arm before a metric is tested at all.
 DEMO_TIMINGS: dict[str, Any] = {
-    "hold": {"min_duration": 20, "min_samples": 150, "max_wait": 120, "poll_interval": 3},
+    "hold": {"min_duration": 20, "min_samples": 150, "max_wait": 240, "poll_interval": 3},
     "lease": 300,
     "deadline": 900,
     "post_deploy": {"window": 10, "min_samples": 100},
