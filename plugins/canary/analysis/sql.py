@@ -16,6 +16,7 @@ the database) for data quality and drift.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -121,62 +122,297 @@ def _check_windows(windows: list[Window]) -> list[Window]:
     return out
 
 
-def _run(conn: Any, sql: str, params: dict[str, Any], datetimes: list[str]):
-    import re
-
+def _statement(sql: str, datetimes: list[str]) -> tuple[Any, set[str]]:
+    """The ``text()`` statement (``datetimes`` bound as DateTime) and the parameter names it uses."""
     used = set(re.findall(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)", sql))
-    stmt = text(sql).bindparams(*[bindparam(n, type_=DateTime()) for n in datetimes if n in used])
+    return text(sql).bindparams(*[bindparam(n, type_=DateTime()) for n in datetimes if n in used]), used
+
+
+def _run(conn: Any, sql: str, params: dict[str, Any], datetimes: list[str]):
+    stmt, used = _statement(sql, datetimes)
     return conn.execute(stmt, {k: v for k, v in params.items() if k in used}).fetchall()
 
 
+LABEL_COLUMNS = ("label", "label_ts")
+UNIT_COLUMN = "unit_first"
+
+
+def log_columns(bind: Any) -> set[str]:
+    """Column names of the ``predictions`` table (to see whether the gateway keeps the latest label and the
+    units' first requests on the row, Contract 2)."""
+    from sqlalchemy import inspect
+
+    with _connect(bind) as conn:
+        return {c["name"] for c in inspect(conn).get_columns("predictions")}
+
+
+def _bool(dialect: str, expr: str) -> str:
+    """A boolean as 0/1 (NULL stays NULL): SQLite's comparisons already are integers."""
+    return f"CAST(({expr}) AS INTEGER)" if dialect == "postgresql" else f"({expr})"
+
+
+def _binary(m: MetricPolicy) -> bool:
+    """True when the per-request value is 0/1, so the sum of squares equals the sum."""
+    return m.kind == "latency_threshold" or m.source in ("error", "null_score", "mismatch")
+
+
+_LATEST_BY_LOOK = ("(SELECT f.label FROM feedback f WHERE f.request_id = p.request_id AND f.ts <= :look_at "
+                   "ORDER BY f.ts DESC, f.label DESC LIMIT 1)")
+
+
+def _label_value(m: MetricPolicy, dialect: str, lab: str) -> str:
+    """The per-request value of label metric ``m`` given the label expression ``lab``."""
+    return {
+        "label": lab,
+        "mismatch": _bool(dialect, f"p.prediction <> {lab}"),
+        "abs_error": f"ABS(p.prediction - {lab})",
+        "squared_error": f"(p.prediction - {lab}) * (p.prediction - {lab})",
+    }[m.source]
+
+
+def _eligible_sql(m: MetricPolicy, i: int, by_time: bool = True) -> str:
+    """Predictions that count for label metric ``m``: old enough for their label (unless ``by_time`` is
+    False: the caller knows the whole range is), answered."""
+    need_pred = "" if m.source == "label" else " AND p.prediction IS NOT NULL"
+    return (f"p.ts < :elig{i} AND " if by_time else "") + f"p.status = 'ok'{need_pred}"
+
+
+def _row_value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any],
+                   thresholds: dict[str, float], eligible: bool | None = None) -> tuple[str, str | None]:
+    """(value, eligible count) SQL of metric ``m`` reading the label kept on the prediction row.
+
+    The value is NULL when the request is not observable. A label metric takes ``p.label`` when it was
+    received by the look time (``p.label_ts <= :look_at``); rows whose label was replaced after the look
+    are left to :func:`_late_label_rows`. ``eligible`` True/False says that every row of the range is / is
+    not old enough for the label (then no per-row time test); None tests ``p.ts < :elig{i}`` per row.
+    """
+    if not m.needs_labels:
+        if m.kind == "latency_threshold" or m.source == "error":
+            _value_sql(m, i, dialect, params, thresholds)  # binds the threshold
+            cond = f"p.latency_ms > :thr{i}" if m.kind == "latency_threshold" else "p.status = 'error'"
+            return _bool(dialect, cond), None
+        if m.source == "null_score":
+            return f"CASE WHEN p.status = 'ok' THEN {_bool(dialect, _nan_check(dialect, 'p.score'))} END", None
+        return _value_sql(m, i, dialect, params, thresholds), None
+    if eligible is False:
+        return "NULL", "0"
+    elig = _eligible_sql(m, i, by_time=not eligible)
+    value = _label_value(m, dialect, "p.label")
+    return f"CASE WHEN {elig} AND p.label_ts <= :look_at THEN {value} END", _bool(dialect, elig)
+
+
+def _cells(windows: list[Window], cuts: tuple[datetime, ...] = ()) -> list[tuple[int, int, datetime, datetime]]:
+    """``(step, minute, lo, hi)`` ranges covering the windows, cut at every minute, window edge and time in
+    ``cuts``; a time in several windows belongs to the first (as the step CASE does)."""
+    points = set(c for c in cuts if any(w[2] < c < w[3] for w in windows))
+    for _step, _pct, start, end in windows:
+        points.update((start, end))
+        t = start.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        while t < end:
+            points.add(t)
+            t += timedelta(minutes=1)
+    pts = sorted(points)
+    out: list[tuple[int, int, datetime, datetime]] = []
+    for lo, hi in zip(pts, pts[1:], strict=False):
+        step = next((w[0] for w in windows if w[2] <= lo and hi <= w[3]), None)
+        if step is None or lo == hi:
+            continue
+        out.append((step, _minute_int(lo), lo, hi))
+    return out
+
+
+def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
+                       look_at: datetime, thresholds: dict[str, float], with_units: bool
+                       ) -> tuple[list[tuple], dict[tuple[str, int], int] | None]:
+    """One scan: rows (arm, step, minute, requests, per metric n/s1/s2 [+ eligible]) and, when the
+    ``unit_first`` flag is set on every row with a unit id, distinct units per (arm, step)."""
+    params: dict[str, Any] = {"model": model, "look_at": look_at}
+    dts = ["look_at"]
+    label_idx = [i for i, m in enumerate(policy.metrics) if m.needs_labels]
+    for i in label_idx:
+        params[f"elig{i}"] = look_at - timedelta(seconds=policy.metrics[i].label_delay_s)
+        dts.append(f"elig{i}")
+
+    def select_list(eligible: dict[int, bool] | None) -> tuple[list[str], list[tuple[bool, bool, bool]]]:
+        aggs, shape = ["COUNT(*)"], []
+        for i, m in enumerate(policy.metrics):
+            v, elig = _row_value_sql(m, i, dialect, params, thresholds,
+                                     None if eligible is None else eligible.get(i))
+            always = not m.needs_labels and (m.kind == "latency_threshold" or m.source == "error")
+            aggs += ([] if always else [f"COUNT({v})"]) + [f"SUM({v})"]  # always observed: n = requests
+            if not _binary(m):
+                aggs.append(f"SUM(({v}) * ({v}))")
+            if elig is not None:
+                aggs.append(f"SUM({elig})")
+            shape.append((always, _binary(m), elig is not None))
+        if with_units:
+            aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
+        return aggs, shape
+
+    raw: list[tuple] = []
+    if dialect == "postgresql":  # one parallel hash aggregate over the windows' time range
+        aggs, shape = select_list(None)
+        step_case, where_win, wnames = _windows_sql(windows, params)
+        sql = (f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
+               "FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
+               f"AND {where_win} GROUP BY 1, 2, 3")
+        raw = [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts + wnames)
+               if r[1] is not None]
+    else:  # SQLite: per (step, minute) cell and arm one index range, aggregated without a sorter
+        cuts = tuple(params[f"elig{i}"] for i in label_idx)
+        stmts: dict[tuple[bool, ...], tuple[Any, set[str]]] = {}
+        for step, minute, lo, hi in _cells(windows, cuts):
+            key = tuple(hi <= params[f"elig{i}"] for i in label_idx)  # cells never straddle an elig time
+            if key not in stmts:
+                aggs, shape = select_list(dict(zip(label_idx, key, strict=True)))
+                sql = " UNION ALL ".join(
+                    f"SELECT '{arm}', {', '.join(aggs)} FROM predictions p WHERE p.model = :model "
+                    f"AND p.arm = '{arm}' AND p.ts >= :lo AND p.ts < :hi" for arm in ("stable", "canary"))
+                stmts[key] = _statement(sql, [*dts, "lo", "hi"])
+            stmt, used = stmts[key]
+            params["lo"], params["hi"] = lo, hi
+            raw += [(r[0], step, minute, *r[1:])
+                    for r in conn.execute(stmt, {k: params[k] for k in used}).fetchall() if r[1]]
+        shape = select_list(None)[1]
+    rows, unit_parts = [], []
+    for r in raw:
+        out, k = list(r[:4]), 4
+        for always, binary, has_elig in shape:
+            n = r[3] if always else r[k]
+            k += 0 if always else 1
+            s1 = r[k]
+            k += 1
+            s2 = s1 if binary else r[k]
+            k += 0 if binary else 1
+            out += [n, s1, s2]
+            if has_elig:
+                out.append(r[k])
+                k += 1
+        rows.append(out)
+        if with_units:
+            unit_parts.append((r[0], int(r[1]), r[k] or 0, r[k + 1] or 0))
+    if label_idx:
+        rows = _add_late_labels(conn, dialect, model, windows, policy, params, dts, rows)
+    rows = [tuple(r) for r in rows]
+    if not with_units:
+        return rows, None
+    if any(p[2] for p in unit_parts):
+        return rows, None  # rows with a unit id but no flag (logged before the gateway kept it): count distinct
+    units: dict[tuple[str, int], int] = {}
+    for arm, step, _unflagged, first in unit_parts:
+        units[(arm, step)] = units.get((arm, step), 0) + int(first)
+    return rows, units
+
+
+def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
+                     params: dict[str, Any], dts: list[str], rows: list[list]) -> list[list]:
+    """Add the label metrics of rows whose kept label arrived after the look time: their label is the latest
+    one received by the look (from the ``feedback`` history, only for requests with feedback after it)."""
+    params = dict(params)
+    step_case, where_win, wnames = _windows_sql(windows, params)
+    aggs, pos = [], []
+    col = 4
+    for i, m in enumerate(policy.metrics):
+        if m.needs_labels:
+            v = f"CASE WHEN {_eligible_sql(m, i)} THEN {_label_value(m, dialect, _LATEST_BY_LOOK)} END"
+            aggs += [f"COUNT({v})", f"SUM({v})", f"SUM(({v}) * ({v}))"]
+            pos.append(col)
+        col += 4 if m.needs_labels else 3
+    sql = (f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
+           "FROM predictions p WHERE p.request_id IN (SELECT f.request_id FROM feedback f WHERE f.ts > :look_at) "
+           f"AND p.label_ts > :look_at AND p.model = :model AND p.arm IN ('stable', 'canary') AND {where_win} "
+           "GROUP BY 1, 2, 3")
+    index = {(r[0], int(r[1]), int(r[2])): r for r in rows}
+    for r in _run(conn, sql, params, dts + wnames):
+        if r[1] is None:
+            continue
+        target = index[(r[0], int(r[1]), _minute_int(r[2]))]
+        for j, c in enumerate(pos):
+            for d in range(3):
+                target[c + d] = (target[c + d] or 0) + (r[3 + 3 * j + d] or 0)
+    return rows
+
+
+def _distinct_units(conn: Any, model: str, windows: list[Window]) -> dict[tuple[str, int], int]:
+    """Distinct unit ids per (arm, step): a second scan, for logs without the ``unit_first`` flag."""
+    params: dict[str, Any] = {"model": model}
+    step_case, where_win, wnames = _windows_sql(windows, params)
+    usql = (f"SELECT arm, step, COUNT(unit_id) FROM (SELECT DISTINCT p.arm AS arm, {step_case} AS step, "
+            f"p.unit_id AS unit_id FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
+            f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY arm, step")
+    return {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, wnames)}
+
+
+def _rows_joined(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
+                 look_at: datetime, thresholds: dict[str, float]) -> list[tuple]:
+    """Rows as :func:`_rows_denormalized`, for logs without the label columns: label metrics join the
+    latest feedback received by the look time (an anti-join per request; slower at scale)."""
+    params: dict[str, Any] = {"model": model, "look_at": look_at}
+    dts = ["look_at"]
+    step_case, where_win, wnames = _windows_sql(windows, params)
+    dts += wnames
+    cols, aggs = [], []
+    has_labels = False
+    for i, m in enumerate(policy.metrics):
+        cols.append(f"{_value_sql(m, i, dialect, params, thresholds)} AS v{i}")
+        aggs.append(f"COUNT(v{i}), SUM(v{i}), SUM(v{i} * v{i})")
+        if m.needs_labels:
+            has_labels = True
+            params[f"elig{i}"] = look_at - timedelta(seconds=m.label_delay_s)
+            dts.append(f"elig{i}")
+            need_pred = "" if m.source == "label" else " AND p.prediction IS NOT NULL"
+            cols.append(f"CASE WHEN p.ts < :elig{i} AND p.status = 'ok'{need_pred} THEN 1 ELSE 0 END AS e{i}")
+            aggs.append(f"SUM(e{i})")
+    join = ""
+    if has_labels:  # the latest label received by the look time (a later correction replaces it)
+        join = ("LEFT JOIN feedback f ON f.request_id = p.request_id AND f.ts <= :look_at AND NOT EXISTS "
+                "(SELECT 1 FROM feedback f2 WHERE f2.request_id = f.request_id AND f2.ts <= :look_at "
+                "AND (f2.ts > f.ts OR (f2.ts = f.ts AND f2.label > f.label)))")
+    sql = (f"SELECT arm, step, minute, COUNT(*), {', '.join(aggs)} FROM ("
+           f"SELECT p.arm AS arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(cols)} "
+           f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
+           f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY minute, step, arm")
+    return [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts)]
+
+
 def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, look_at: datetime,
-               thresholds: dict[str, float] | None = None, count_units: bool = True) -> ArmStats:
+               thresholds: dict[str, float] | None = None, count_units: bool = True,
+               denormalized: bool | None = None) -> ArmStats:
     """Sufficient statistics of every metric for one look, grouped in the database by arm, step, minute.
 
-    Label metrics join the latest feedback received by ``look_at`` and count only predictions older than
+    Label metrics use the latest label received by ``look_at`` and count only predictions older than
     ``look_at - label_delay`` (both arms alike); their eligible and labelled counts per arm feed the
     labelled-share check. ``thresholds`` gives the milliseconds for ``baseline_p95`` latency metrics.
-    ``count_units`` adds one ``COUNT(DISTINCT unit_id)`` scan per look so the SRM test counts units (the
-    routing is by unit; request counts of heavy users are over-dispersed); without it SRM counts requests.
+    ``count_units`` counts distinct units per arm and step for the SRM test (the routing is by unit;
+    request counts of heavy users are over-dispersed); without it SRM counts requests.
+
+    When the gateway keeps the latest label on the prediction row (``label``, ``label_ts``) and flags each
+    unit's first request per route (``unit_first``; Contract 2), everything comes from one scan of the
+    windows: on PostgreSQL one parallel hash aggregate, on SQLite one index range per minute. Otherwise
+    label metrics join ``feedback`` (latest label per request) and units are counted by a second
+    ``COUNT(DISTINCT)`` scan; the numbers are the same. ``denormalized`` forces one way (None: detect).
     """
     windows = _check_windows(windows)
     thresholds = dict(thresholds or {})
     look_at = look_at.replace(tzinfo=None)
     with _connect(bind) as conn:
         dialect = conn.dialect.name
+        _minute(dialect)  # names an unsupported database before any query
         if dialect == "postgresql":  # this transaction only: hash aggregates in memory, no JIT start-up
             conn.execute(text("SET LOCAL work_mem = '64MB'"))
             conn.execute(text("SET LOCAL jit = off"))
-        params: dict[str, Any] = {"model": model, "look_at": look_at}
-        dts = ["look_at"]
-        step_case, where_win, wnames = _windows_sql(windows, params)
-        dts += wnames
-        cols, aggs = [], []
-        has_labels = False
-        for i, m in enumerate(policy.metrics):
-            cols.append(f"{_value_sql(m, i, dialect, params, thresholds)} AS v{i}")
-            aggs.append(f"COUNT(v{i}), SUM(v{i}), SUM(v{i} * v{i})")
-            if m.needs_labels:
-                has_labels = True
-                params[f"elig{i}"] = look_at - timedelta(seconds=m.label_delay_s)
-                dts.append(f"elig{i}")
-                need_pred = "" if m.source == "label" else " AND p.prediction IS NOT NULL"
-                cols.append(f"CASE WHEN p.ts < :elig{i} AND p.status = 'ok'{need_pred} THEN 1 ELSE 0 END AS e{i}")
-                aggs.append(f"SUM(e{i})")
-        join = ""
-        if has_labels:  # the latest label received by the look time (a later correction replaces it)
-            join = ("LEFT JOIN feedback f ON f.request_id = p.request_id AND f.ts <= :look_at AND NOT EXISTS "
-                    "(SELECT 1 FROM feedback f2 WHERE f2.request_id = f.request_id AND f2.ts <= :look_at "
-                    "AND (f2.ts > f.ts OR (f2.ts = f.ts AND f2.label > f.label)))")
-        sql = (f"SELECT arm, step, minute, COUNT(*), {', '.join(aggs)} FROM ("
-               f"SELECT p.arm AS arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(cols)} "
-               f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
-               f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY minute, step, arm")
-        rows = [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts)]
-        usql = (f"SELECT arm, step, COUNT(unit_id) FROM (SELECT DISTINCT p.arm AS arm, {step_case} AS step, "
-                f"p.unit_id AS unit_id FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
-                f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY arm, step")
-        units = {(r[0], int(r[1])): int(r[2]) for r in _run(conn, usql, params, dts)} if count_units else {}
+        have = log_columns(conn) if denormalized is None else set()
+        labels_on_row = denormalized if denormalized is not None else set(LABEL_COLUMNS) <= have
+        flags_on_row = denormalized if denormalized is not None else UNIT_COLUMN in have
+        units: dict[tuple[str, int], int] | None = None
+        if labels_on_row:
+            rows, units = _rows_denormalized(conn, dialect, model, windows, policy, look_at, thresholds,
+                                             with_units=count_units and bool(flags_on_row))
+        else:
+            rows = _rows_joined(conn, dialect, model, windows, policy, look_at, thresholds)
+        if count_units and units is None:
+            units = _distinct_units(conn, model, windows)
+        units = units or {}
     arr = np.array([[0 if r[0] == "stable" else 1, r[1], r[2], *[0 if v is None else v for v in r[3:]]]
                     for r in rows], dtype=float).reshape(len(rows), -1) if rows else None
     metrics: dict[str, MetricCells] = {}
