@@ -55,6 +55,23 @@ def policy():
     ), planned_canary_samples=1_000_000)
 
 
+# The gateway's row columns for one-scan looks (Contract 2, optional): the latest label and its time, and
+# the unit's first request per route generation. The log is generated with them filled as the gateway
+# keeps them; the ``analysis (join + distinct)`` phase ignores them and reads ``feedback`` instead.
+ROW_COLUMNS = ("ALTER TABLE predictions ADD COLUMN label DOUBLE PRECISION",
+               "ALTER TABLE predictions ADD COLUMN label_ts TIMESTAMP",
+               "ALTER TABLE predictions ADD COLUMN unit_first SMALLINT")
+# Feedback for 30 % of the requests, 60 s after the prediction, label 0/1: deterministic in g so that
+# SQLite (which re-draws random() per reference) writes the same label to the row and to feedback.
+LABELLED = "(({g} * 2654435761) % 1000) < 300"
+LABEL = "(({g} * 40503) % 1009) % 2"
+LABEL_AFTER_S = 60
+# Units cycle every 100,000 requests (u = g * 7919 mod 100000 is a bijection on each block of 100,000 g), so
+# a unit's first request in a step is among the step's first 100,000 requests; a step starts at
+# g = ceil(step * n / 4).
+UNIT_FIRST = "CASE WHEN {g} - ((({g} * 4 / {n}) * {n} + 3) / 4) < 100000 THEN 1 ELSE 0 END"
+
+
 def generate_sqlite(path: str, n: int) -> None:
     import sqlite3
 
@@ -65,6 +82,8 @@ def generate_sqlite(path: str, n: int) -> None:
     create_schema(eng)
     eng.dispose()
     con = sqlite3.connect(path)
+    for ddl in ROW_COLUMNS:
+        con.execute(ddl)
     con.execute("PRAGMA journal_mode=OFF")
     con.execute("PRAGMA synchronous=OFF")
     con.execute("DROP INDEX IF EXISTS ix_predictions_model_ts")
@@ -79,13 +98,17 @@ def generate_sqlite(path: str, n: int) -> None:
                'u' || u,
                '{{"amount": ' || (abs(random()) % 1000) || ', "country": ' || (abs(random()) % 5) || '}}',
                abs(random()) % 2, (abs(random()) % 1000) / 1000.0, 10 + (abs(random()) % 1000) / 10.0,
-               CASE WHEN abs(random()) % 100 < 2 THEN 'error' ELSE 'ok' END, NULL
+               CASE WHEN abs(random()) % 100 < 2 THEN 'error' ELSE 'ok' END, NULL,
+               CASE WHEN {LABELLED.format(g="g")} THEN {LABEL.format(g="g")} END,
+               CASE WHEN {LABELLED.format(g="g")} THEN strftime('%Y-%m-%d %H:%M:%S',
+                    {epoch0} + CAST(g * {dt} AS INTEGER) + {LABEL_AFTER_S}, 'unixepoch') || '.000000' END,
+               {UNIT_FIRST.format(g="g", n=n)}
         FROM (SELECT g, u, (u % 10000) < CASE g * 4 / {n} WHEN 0 THEN 100 WHEN 1 THEN 500
                                          WHEN 2 THEN 2500 ELSE 5000 END AS c
               FROM (SELECT g, (g * 7919) % 100000 AS u FROM s))
     """)
-    con.execute("""INSERT INTO feedback SELECT request_id, strftime('%Y-%m-%d %H:%M:%S', ts, '+60 seconds')
-                    || '.000000', abs(random()) % 2, NULL, 'sim' FROM predictions WHERE abs(random()) % 10 < 3""")
+    con.execute("""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'sim' FROM predictions
+                   WHERE label IS NOT NULL""")
     con.execute("CREATE INDEX ix_predictions_model_ts ON predictions (model, ts)")
     con.execute("ANALYZE")
     con.commit()
@@ -100,6 +123,8 @@ def generate_pg(url: str, n: int) -> None:
     create_schema(eng)
     dt = DURATION_S / n
     with eng.begin() as c:
+        for ddl in ROW_COLUMNS:
+            c.execute(text(ddl))
         c.execute(text("DROP INDEX IF EXISTS ix_predictions_model_ts"))
         c.execute(text(f"""
             INSERT INTO predictions
@@ -108,13 +133,18 @@ def generate_pg(url: str, n: int) -> None:
                    'u' || u,
                    '{{"amount": ' || floor(random() * 1000)::int || ', "country": ' || floor(random() * 5)::int || '}}',
                    floor(random() * 2), floor(random() * 1000) / 1000.0, 10 + floor(random() * 1000) / 10.0,
-                   CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL
+                   CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL,
+                   CASE WHEN {LABELLED.format(g="g")} THEN {LABEL.format(g="g")} END,
+                   CASE WHEN {LABELLED.format(g="g")} THEN TIMESTAMP '{T0.isoformat(sep=' ')}'
+                        + make_interval(secs => floor(g * {dt}) + {LABEL_AFTER_S}) END,
+                   {UNIT_FIRST.format(g="g", n=n)}
             FROM (SELECT g, u, (u % 10000) < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
                                       ELSE 5000 END AS c
-                  FROM (SELECT g, (g::bigint * 7919) % 100000 AS u FROM generate_series(0, {n - 1}) g) r) s
+                  FROM (SELECT g::bigint AS g, (g::bigint * 7919) % 100000 AS u
+                        FROM generate_series(0, {n - 1}) g) r) s
         """))
-        c.execute(text("""INSERT INTO feedback SELECT request_id, ts + interval '60 seconds', floor(random() * 2),
-                          NULL, 'sim' FROM predictions WHERE random() < 0.3"""))
+        c.execute(text("""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'sim' FROM predictions
+                          WHERE label IS NOT NULL"""))
         c.execute(text("CREATE INDEX ix_predictions_model_ts ON predictions (model, ts)"))
     with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("VACUUM ANALYZE predictions"))
@@ -151,12 +181,8 @@ def _phase(url: str, phase: str, q) -> None:
         detail = f"{sum(r[1] for r in rows)} rows"
     else:
         pol = policy()
-        full = phase != "analysis, no labels/units"
-        if not full:
-            import dataclasses
-
-            pol = dataclasses.replace(pol, metrics=pol.metrics[:3])
-        stats = look_stats(eng, "fraud", w, pol, look_at, count_units=full)
+        joined = phase == "analysis, join+distinct"
+        stats = look_stats(eng, "fraud", w, pol, look_at, denormalized=False if joined else None)
         v = judge(stats, pol, None, is_last_step=True)
         detail = f"decision {v.decision}, {sum(stats.metrics['error_rate'].n):.0f} rows"
         if phase == "analysis + samples":
@@ -218,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen(*gen_args)
                 print(f"{backend:<11} {n:>10} {'generate':<26} {time.perf_counter() - t:>8.1f}", flush=True)
                 base = None
-                for phase in ("plain scan", "analysis, no labels/units", "analysis", "analysis + samples"):
+                for phase in ("plain scan", "analysis", "analysis, join+distinct", "analysis + samples"):
                     runs = [measure(url, phase) for _ in range(args.repeat)]
                     sec = min(r[0] for r in runs)
                     peak = max(r[1] for r in runs)

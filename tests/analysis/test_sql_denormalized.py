@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from analysis_logdata import T0, load_log, make_log
+from canary.analysis import MetricPolicy, Policy
 from canary.analysis.sql import _cells, log_columns, look_stats
 from sqlalchemy import DateTime, bindparam, create_engine, text
 from test_analysis_sql import LOOK_AT, POLICY, WINDOWS, frame, reference
@@ -151,3 +152,23 @@ def test_cells_cover_each_window_once_cut_at_minutes():
         (1, T0 + timedelta(seconds=200), T0 + timedelta(seconds=240)),
         (1, T0 + timedelta(seconds=240), T0 + timedelta(seconds=260))]
     assert cells[1][1] == cells[0][1] + 1
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sqlite", "postgresql"])
+def test_label_delay_cutting_a_minute(engines, which):
+    """A label delay that ends mid-minute splits that minute's cell; its parts are summed again."""
+    pol = Policy(metrics=(MetricPolicy("error_rate", "error"),
+                          MetricPolicy("mistake", "mismatch", label_delay_s=95),
+                          MetricPolicy("label", "label", kind="continuous", label_delay_s=30)))
+    eng = engines[which]
+    fast = look_stats(eng, "fraud", WINDOWS, pol, LOOK_AT - timedelta(seconds=7))
+    assert fast.metrics["mistake"].n.sum() > 0
+    _same_policy(fast, look_stats(eng, "fraud", WINDOWS, pol, LOOK_AT - timedelta(seconds=7), denormalized=False),
+                 pol)
+
+
+def _same_policy(a, b, pol) -> None:
+    for m in pol.metrics:
+        pd.testing.assert_frame_equal(frame(a.metrics[m.name]), frame(b.metrics[m.name]), rtol=1e-12,
+                                      check_dtype=False, obj=m.name)
+    assert a.traffic == b.traffic and a.labels == b.labels

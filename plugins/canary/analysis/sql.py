@@ -178,13 +178,13 @@ def _eligible_sql(m: MetricPolicy, i: int, by_time: bool = True) -> str:
 
 
 def _row_value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any],
-                   thresholds: dict[str, float], eligible: bool | None = None) -> tuple[str, str | None]:
+                   thresholds: dict[str, float]) -> tuple[str, str | None]:
     """(value, eligible count) SQL of metric ``m`` reading the label kept on the prediction row.
 
     The value is NULL when the request is not observable. A label metric takes ``p.label`` when it was
     received by the look time (``p.label_ts <= :look_at``); rows whose label was replaced after the look
-    are left to :func:`_late_label_rows`. ``eligible`` True/False says that every row of the range is / is
-    not old enough for the label (then no per-row time test); None tests ``p.ts < :elig{i}`` per row.
+    are added by :func:`_add_late_labels`. The label delay is not tested per row: the cells are cut at the
+    eligibility time, and the caller keeps label counts only of cells before it.
     """
     if not m.needs_labels:
         if m.kind == "latency_threshold" or m.source == "error":
@@ -194,17 +194,17 @@ def _row_value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any]
         if m.source == "null_score":
             return f"CASE WHEN p.status = 'ok' THEN {_bool(dialect, _nan_check(dialect, 'p.score'))} END", None
         return _value_sql(m, i, dialect, params, thresholds), None
-    if eligible is False:
-        return "NULL", "0"
-    elig = _eligible_sql(m, i, by_time=not eligible)
+    elig = _eligible_sql(m, i, by_time=False)
     value = _label_value(m, dialect, "p.label")
     return f"CASE WHEN {elig} AND p.label_ts <= :look_at THEN {value} END", _bool(dialect, elig)
 
 
-def _cells(windows: list[Window], cuts: tuple[datetime, ...] = ()) -> list[tuple[int, int, datetime, datetime]]:
-    """``(step, minute, lo, hi)`` ranges covering the windows, cut at every minute, window edge and time in
-    ``cuts``; a time in several windows belongs to the first (as the step CASE does)."""
-    points = set(c for c in cuts if any(w[2] < c < w[3] for w in windows))
+def _cell_grid(windows: list[Window], cuts: tuple[datetime, ...] = ()
+               ) -> tuple[list[datetime], list[tuple[int, int] | None]]:
+    """Time points cutting the windows at every minute, window edge and time in ``cuts``, and for each
+    interval ``[points[j], points[j + 1])`` its ``(step, minute)`` or None (between windows). A time in
+    several windows belongs to the first (as the step CASE does)."""
+    points = {c for c in cuts if any(w[2] < c < w[3] for w in windows)}
     for _step, _pct, start, end in windows:
         points.update((start, end))
         t = start.replace(second=0, microsecond=0) + timedelta(minutes=1)
@@ -212,85 +212,92 @@ def _cells(windows: list[Window], cuts: tuple[datetime, ...] = ()) -> list[tuple
             points.add(t)
             t += timedelta(minutes=1)
     pts = sorted(points)
-    out: list[tuple[int, int, datetime, datetime]] = []
+    cells: list[tuple[int, int] | None] = []
     for lo, hi in zip(pts, pts[1:], strict=False):
         step = next((w[0] for w in windows if w[2] <= lo and hi <= w[3]), None)
-        if step is None or lo == hi:
-            continue
-        out.append((step, _minute_int(lo), lo, hi))
-    return out
+        cells.append(None if step is None else (step, _minute_int(lo)))
+    return pts, cells
+
+
+def _cells(windows: list[Window], cuts: tuple[datetime, ...] = ()) -> list[tuple[int, int, datetime, datetime]]:
+    """``(step, minute, lo, hi)`` of every interval of :func:`_cell_grid` inside a window."""
+    pts, cells = _cell_grid(windows, cuts)
+    return [(c[0], c[1], pts[j], pts[j + 1]) for j, c in enumerate(cells) if c is not None]
 
 
 def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
                        look_at: datetime, thresholds: dict[str, float], with_units: bool
                        ) -> tuple[list[tuple], dict[tuple[str, int], int] | None]:
     """One scan: rows (arm, step, minute, requests, per metric n/s1/s2 [+ eligible]) and, when the
-    ``unit_first`` flag is set on every row with a unit id, distinct units per (arm, step)."""
+    ``unit_first`` flag is set on every row with a unit id, distinct units per (arm, step).
+
+    The windows are cut into cells at every minute, window edge and label eligibility time (``look_at -
+    label_delay``), so a cell is wholly old enough for a label metric or wholly not; label counts of cells
+    that are not are set to zero here, and no per-row time test is needed.
+    """
     params: dict[str, Any] = {"model": model, "look_at": look_at}
     dts = ["look_at"]
     label_idx = [i for i, m in enumerate(policy.metrics) if m.needs_labels]
+    elig_at = {i: look_at - timedelta(seconds=policy.metrics[i].label_delay_s) for i in label_idx}
     for i in label_idx:
-        params[f"elig{i}"] = look_at - timedelta(seconds=policy.metrics[i].label_delay_s)
+        params[f"elig{i}"] = elig_at[i]
         dts.append(f"elig{i}")
-
-    def select_list(eligible: dict[int, bool] | None) -> tuple[list[str], list[tuple[bool, bool, bool]]]:
-        aggs, shape = ["COUNT(*)"], []
-        for i, m in enumerate(policy.metrics):
-            v, elig = _row_value_sql(m, i, dialect, params, thresholds,
-                                     None if eligible is None else eligible.get(i))
-            always = not m.needs_labels and (m.kind == "latency_threshold" or m.source == "error")
-            aggs += ([] if always else [f"COUNT({v})"]) + [f"SUM({v})"]  # always observed: n = requests
-            if not _binary(m):
-                aggs.append(f"SUM(({v}) * ({v}))")
-            if elig is not None:
-                aggs.append(f"SUM({elig})")
-            shape.append((always, _binary(m), elig is not None))
-        if with_units:
-            aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
-        return aggs, shape
-
-    raw: list[tuple] = []
-    if dialect == "postgresql":  # one parallel hash aggregate over the windows' time range
-        aggs, shape = select_list(None)
-        step_case, where_win, wnames = _windows_sql(windows, params)
-        sql = (f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
-               "FROM predictions p WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
-               f"AND {where_win} GROUP BY 1, 2, 3")
-        raw = [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts + wnames)
-               if r[1] is not None]
-    else:  # SQLite: per (step, minute) cell and arm one index range, aggregated without a sorter
-        cuts = tuple(params[f"elig{i}"] for i in label_idx)
-        stmts: dict[tuple[bool, ...], tuple[Any, set[str]]] = {}
-        for step, minute, lo, hi in _cells(windows, cuts):
-            key = tuple(hi <= params[f"elig{i}"] for i in label_idx)  # cells never straddle an elig time
-            if key not in stmts:
-                aggs, shape = select_list(dict(zip(label_idx, key, strict=True)))
-                sql = " UNION ALL ".join(
-                    f"SELECT '{arm}', {', '.join(aggs)} FROM predictions p WHERE p.model = :model "
-                    f"AND p.arm = '{arm}' AND p.ts >= :lo AND p.ts < :hi" for arm in ("stable", "canary"))
-                stmts[key] = _statement(sql, [*dts, "lo", "hi"])
-            stmt, used = stmts[key]
-            params["lo"], params["hi"] = lo, hi
-            raw += [(r[0], step, minute, *r[1:])
+    aggs, shape = ["COUNT(*)"], []
+    for i, m in enumerate(policy.metrics):
+        v, elig = _row_value_sql(m, i, dialect, params, thresholds)
+        always = not m.needs_labels and (m.kind == "latency_threshold" or m.source == "error")
+        aggs += ([] if always else [f"COUNT({v})"]) + [f"SUM({v})"]  # always observed: n = requests
+        if not _binary(m):
+            aggs.append(f"SUM(({v}) * ({v}))")
+        if elig is not None:
+            aggs.append(f"SUM({elig})")
+        shape.append((i, always, _binary(m), elig is not None))
+    if with_units:
+        aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
+    pts, cells = _cell_grid(windows, tuple(elig_at.values()))
+    raw: list[tuple] = []  # (arm, step, minute, lo, aggregates...)
+    if dialect == "postgresql":  # one parallel aggregate; the cell is a binary search over the cut points
+        # JIT (compiled expressions and tuple deforming) pays for its ~0.2 s of compiling only on large
+        # scans: this transaction uses it only where the server would also inline and optimise.
+        conn.execute(text("SET LOCAL jit_above_cost = 500000"))
+        params["cuts"] = pts
+        sql = (f"SELECT p.arm, width_bucket(p.ts, CAST(:cuts AS timestamp[])) AS cell, {', '.join(aggs)} "
+               "FROM predictions p WHERE p.model = :model AND p.ts >= :wlo AND p.ts < :whi GROUP BY 1, 2")
+        params["wlo"], params["whi"] = pts[0], pts[-1]
+        for r in _run(conn, sql, params, [*dts, "wlo", "whi"]):
+            j = int(r[1]) - 1  # width_bucket: 1 for [pts[0], pts[1])
+            if r[0] in ("stable", "canary") and 0 <= j < len(cells) and cells[j] is not None:
+                raw.append((r[0], *cells[j], pts[j], *r[2:]))
+    else:  # SQLite: per cell and arm one range of the (model, ts) index, aggregated without a sorter
+        sql = " UNION ALL ".join(
+            f"SELECT '{arm}', {', '.join(aggs)} FROM predictions p WHERE p.model = :model AND p.arm = '{arm}' "
+            "AND p.ts >= :lo AND p.ts < :hi" for arm in ("stable", "canary"))
+        stmt, used = _statement(sql, [*dts, "lo", "hi"])
+        for j, cell in enumerate(cells):
+            if cell is None:
+                continue
+            params["lo"], params["hi"] = pts[j], pts[j + 1]
+            raw += [(r[0], *cell, pts[j], *r[1:])
                     for r in conn.execute(stmt, {k: params[k] for k in used}).fetchall() if r[1]]
-        shape = select_list(None)[1]
     rows, unit_parts = [], []
     for r in raw:
-        out, k = list(r[:4]), 4
-        for always, binary, has_elig in shape:
-            n = r[3] if always else r[k]
+        out, k = [r[0], r[1], r[2], r[4]], 5
+        for i, always, binary, has_elig in shape:
+            n = r[4] if always else r[k]
             k += 0 if always else 1
             s1 = r[k]
             k += 1
             s2 = s1 if binary else r[k]
             k += 0 if binary else 1
-            out += [n, s1, s2]
-            if has_elig:
-                out.append(r[k])
-                k += 1
+            e = r[k] if has_elig else None
+            k += 1 if has_elig else 0
+            if has_elig and r[3] >= elig_at[i]:  # the cell is younger than the label delay
+                n = s1 = s2 = e = 0
+            out += [n, s1, s2] + ([e] if has_elig else [])
         rows.append(out)
         if with_units:
             unit_parts.append((r[0], int(r[1]), r[k] or 0, r[k + 1] or 0))
+    rows = _merge(rows)
     if label_idx:
         rows = _add_late_labels(conn, dialect, model, windows, policy, params, dts, rows)
     rows = [tuple(r) for r in rows]
@@ -302,6 +309,20 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
     for arm, step, _unflagged, first in unit_parts:
         units[(arm, step)] = units.get((arm, step), 0) + int(first)
     return rows, units
+
+
+def _merge(rows: list[list]) -> list[list]:
+    """Sum rows of the same (arm, step, minute) (a minute cut at a label eligibility time)."""
+    out: dict[tuple[Any, Any, Any], list] = {}
+    for r in rows:
+        key = (r[0], r[1], r[2])
+        if key in out:
+            tgt = out[key]
+            for c in range(3, len(r)):
+                tgt[c] = (tgt[c] or 0) + (r[c] or 0)
+        else:
+            out[key] = list(r)
+    return list(out.values())
 
 
 def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
@@ -398,12 +419,13 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
     with _connect(bind) as conn:
         dialect = conn.dialect.name
         _minute(dialect)  # names an unsupported database before any query
-        if dialect == "postgresql":  # this transaction only: hash aggregates in memory, no JIT start-up
-            conn.execute(text("SET LOCAL work_mem = '64MB'"))
-            conn.execute(text("SET LOCAL jit = off"))
         have = log_columns(conn) if denormalized is None else set()
         labels_on_row = denormalized if denormalized is not None else set(LABEL_COLUMNS) <= have
         flags_on_row = denormalized if denormalized is not None else UNIT_COLUMN in have
+        if dialect == "postgresql":  # this transaction only: hash aggregates (and the join's hashes) in memory
+            conn.execute(text("SET LOCAL work_mem = '64MB'"))
+            if not labels_on_row:
+                conn.execute(text("SET LOCAL jit = off"))
         units: dict[tuple[str, int], int] | None = None
         if labels_on_row:
             rows, units = _rows_denormalized(conn, dialect, model, windows, policy, look_at, thresholds,
