@@ -4,23 +4,29 @@ Run:  PYTHONPATH=include:plugins .venv/bin/python benchmarks/analysis_scale.py [
       [--backends sqlite postgresql] [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/test]
 
 For each row count and backend it generates a prediction log inside the database (PostgreSQL:
-``generate_series``; SQLite: a recursive CTE), with the gateway's own schema (Contract 2), sticky units
+``generate_series``; SQLite: a recursive CTE), with the gateway's own schema (Contract 2) plus the optional
+row columns ``label``, ``label_ts`` and ``unit_first`` filled as the gateway keeps them; sticky units
 (unit = g * 7919 mod 100000, deterministic so SQLite cannot re-draw it; the unit decides the arm, as the
-gateway's hash routing does), a ramp
-1 -> 5 -> 25 -> 50 % over four steps, 2 % errors, and feedback for 30 % of the requests. Then, in the same
-run and each in a fresh process (so peak memory is the phase's own):
+gateway's hash routing does), a ramp 1 -> 5 -> 25 -> 50 % over four one-hour steps, 2 % errors, feedback
+for 30 % of the requests 60 s after the prediction, and about 1 % of those labels corrected 10 minutes
+after the look (so the look has to read their earlier label from the feedback history). Then, in the
+same run and each in a fresh process (so peak memory is the phase's own):
 
 * ``plain scan``: ``SELECT arm, count(*), avg(latency_ms) FROM predictions WHERE model = ? AND ts in the
-  rollout GROUP BY arm`` (the baseline);
-* ``analysis, no labels/units``: the look without the label metric and with SRM on request counts;
-* ``analysis``: one full look: ``canary.analysis.sql.look_stats`` (four metrics, one of them a label
-  metric joined with the latest feedback and a label delay, distinct units for SRM) plus ``judge``;
-* ``analysis + samples``: the same plus the data-quality sample (5,000 canary rows) validated with Great
-  Expectations and the drift sample (20,000 rows of both arms) compared between arms.
+  rollout GROUP BY arm`` (the baseline, over the same rows);
+* ``analysis``: one full look: ``canary.analysis.sql.look_stats`` plus ``judge``, four metrics (error
+  rate, latency exceedance, score, and the mistake rate from the latest label received by the look, with
+  a 60 s label delay), per arm, step and minute; labelled-share counts; distinct units per arm and step
+  for SRM (from the ``unit_first`` flags);
+* ``analysis, join+distinct``: the same look for a log without the row columns
+  (``look_stats(..., denormalized=False)``): the latest label per request by an anti-join on ``feedback``
+  and a second ``COUNT(DISTINCT unit_id)`` scan;
+* ``analysis + samples``: the one-scan look plus the data-quality sample (5,000 canary rows) validated
+  with Great Expectations and the drift sample (20,000 rows of both arms) compared between arms.
 
-It prints wall time, the ratio to the plain scan and the peak RSS of the Python process (SQLite runs in
-process, so its memory is included; the PostgreSQL server's own memory is not). Targets (issue 4): the
-analysis takes <= 2x the plain scan; peak memory <= 500 MB at 10M rows.
+It prints wall time (best of ``--repeat``), the ratio to the plain scan and the peak RSS of the Python
+process (SQLite runs in process, so its memory is included; the PostgreSQL server's own memory is not).
+Targets (issue 4): the analysis takes <= 2x the plain scan; peak memory <= 500 MB at 10M rows.
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ ROW_COLUMNS = ("ALTER TABLE predictions ADD COLUMN label DOUBLE PRECISION",
 LABELLED = "(({g} * 2654435761) % 1000) < 300"
 LABEL = "(({g} * 40503) % 1009) % 2"
 LABEL_AFTER_S = 60
+# About 1 % of the labels are corrected (flipped) 10 minutes after the look: the row keeps the correction,
+# so the look must read the label it had at the look time from the feedback history.
+CORRECTED = "({g} % 97) = 0"
+CORRECTED_AFTER_LOOK_S = 600
 # Units cycle every 100,000 requests (u = g * 7919 mod 100000 is a bijection on each block of 100,000 g), so
 # a unit's first request in a step is among the step's first 100,000 requests; a step starts at
 # g = ceil(step * n / 4).
@@ -88,27 +98,32 @@ def generate_sqlite(path: str, n: int) -> None:
     con.execute("PRAGMA synchronous=OFF")
     con.execute("DROP INDEX IF EXISTS ix_predictions_model_ts")
     epoch0 = int((T0 - datetime(1970, 1, 1)).total_seconds())
-    dt = DURATION_S / n
     con.execute(f"""
         WITH RECURSIVE s(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM s WHERE g < {n - 1})
         INSERT INTO predictions
         SELECT 'r' || g,
-               strftime('%Y-%m-%d %H:%M:%S', {epoch0} + CAST(g * {dt} AS INTEGER), 'unixepoch') || '.000000',
+               strftime('%Y-%m-%d %H:%M:%S', {epoch0} + (g * {DURATION_S}) / {n}, 'unixepoch') || '.000000',
                'fraud', CASE WHEN c THEN 'v2' ELSE 'v1' END, CASE WHEN c THEN 'canary' ELSE 'stable' END,
                'u' || u,
                '{{"amount": ' || (abs(random()) % 1000) || ', "country": ' || (abs(random()) % 5) || '}}',
                abs(random()) % 2, (abs(random()) % 1000) / 1000.0, 10 + (abs(random()) % 1000) / 10.0,
                CASE WHEN abs(random()) % 100 < 2 THEN 'error' ELSE 'ok' END, NULL,
-               CASE WHEN {LABELLED.format(g="g")} THEN {LABEL.format(g="g")} END,
-               CASE WHEN {LABELLED.format(g="g")} THEN strftime('%Y-%m-%d %H:%M:%S',
-                    {epoch0} + CAST(g * {dt} AS INTEGER) + {LABEL_AFTER_S}, 'unixepoch') || '.000000' END,
+               CASE WHEN {LABELLED.format(g="g")} THEN abs(({CORRECTED.format(g="g")}) - {LABEL.format(g="g")}) END,
+               CASE WHEN {LABELLED.format(g="g")} THEN strftime('%Y-%m-%d %H:%M:%S', CASE
+                    WHEN {CORRECTED.format(g="g")} THEN {epoch0 + DURATION_S + CORRECTED_AFTER_LOOK_S}
+                    ELSE {epoch0} + (g * {DURATION_S}) / {n} + {LABEL_AFTER_S} END, 'unixepoch') || '.000000' END,
                {UNIT_FIRST.format(g="g", n=n)}
         FROM (SELECT g, u, (u % 10000) < CASE g * 4 / {n} WHEN 0 THEN 100 WHEN 1 THEN 500
                                          WHEN 2 THEN 2500 ELSE 5000 END AS c
               FROM (SELECT g, (g * 7919) % 100000 AS u FROM s))
     """)
-    con.execute("""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'sim' FROM predictions
-                   WHERE label IS NOT NULL""")
+    late = (T0 + timedelta(seconds=DURATION_S)).isoformat(sep=" ")
+    con.execute(f"""INSERT INTO feedback SELECT request_id, CASE WHEN label_ts > '{late}' THEN
+                    strftime('%Y-%m-%d %H:%M:%S', ts, '+{LABEL_AFTER_S} seconds') || '.000000' ELSE label_ts END,
+                    CASE WHEN label_ts > '{late}' THEN 1 - label ELSE label END, NULL, 'sim' FROM predictions
+                    WHERE label IS NOT NULL""")
+    con.execute(f"""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'correction' FROM predictions
+                    WHERE label_ts > '{late}'""")
     con.execute("CREATE INDEX ix_predictions_model_ts ON predictions (model, ts)")
     con.execute("ANALYZE")
     con.commit()
@@ -134,17 +149,23 @@ def generate_pg(url: str, n: int) -> None:
                    '{{"amount": ' || floor(random() * 1000)::int || ', "country": ' || floor(random() * 5)::int || '}}',
                    floor(random() * 2), floor(random() * 1000) / 1000.0, 10 + floor(random() * 1000) / 10.0,
                    CASE WHEN random() < 0.02 THEN 'error' ELSE 'ok' END, NULL,
-                   CASE WHEN {LABELLED.format(g="g")} THEN {LABEL.format(g="g")} END,
-                   CASE WHEN {LABELLED.format(g="g")} THEN TIMESTAMP '{T0.isoformat(sep=' ')}'
-                        + make_interval(secs => floor(g * {dt}) + {LABEL_AFTER_S}) END,
+                   CASE WHEN {LABELLED.format(g="g")} THEN abs(({CORRECTED.format(g="g")})::int
+                        - {LABEL.format(g="g")}) END,
+                   CASE WHEN {LABELLED.format(g="g")} THEN TIMESTAMP '{T0.isoformat(sep=' ')}' + make_interval(
+                        secs => CASE WHEN {CORRECTED.format(g="g")} THEN {DURATION_S + CORRECTED_AFTER_LOOK_S}
+                                     ELSE floor(g * {dt}) + {LABEL_AFTER_S} END) END,
                    {UNIT_FIRST.format(g="g", n=n)}
             FROM (SELECT g, u, (u % 10000) < CASE (g * 4 / {n}) WHEN 0 THEN 100 WHEN 1 THEN 500 WHEN 2 THEN 2500
                                       ELSE 5000 END AS c
                   FROM (SELECT g::bigint AS g, (g::bigint * 7919) % 100000 AS u
                         FROM generate_series(0, {n - 1}) g) r) s
         """))
-        c.execute(text("""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'sim' FROM predictions
-                          WHERE label IS NOT NULL"""))
+        late = (T0 + timedelta(seconds=DURATION_S)).isoformat(sep=" ")
+        c.execute(text(f"""INSERT INTO feedback SELECT request_id, CASE WHEN label_ts > '{late}' THEN
+                           ts + interval '{LABEL_AFTER_S} seconds' ELSE label_ts END, CASE WHEN label_ts > '{late}'
+                           THEN 1 - label ELSE label END, NULL, 'sim' FROM predictions WHERE label IS NOT NULL"""))
+        c.execute(text(f"""INSERT INTO feedback SELECT request_id, label_ts, label, NULL, 'correction'
+                           FROM predictions WHERE label_ts > '{late}'"""))
         c.execute(text("CREATE INDEX ix_predictions_model_ts ON predictions (model, ts)"))
     with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("VACUUM ANALYZE predictions"))

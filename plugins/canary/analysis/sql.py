@@ -252,6 +252,8 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
         if elig is not None:
             aggs.append(f"SUM({elig})")
         shape.append((i, always, _binary(m), elig is not None))
+    if label_idx:  # labels replaced after the look time (their earlier label is read from feedback)
+        aggs.append("COUNT(CASE WHEN p.label_ts > :look_at THEN 1 END)")
     if with_units:
         aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
     pts, cells = _cell_grid(windows, tuple(elig_at.values()))
@@ -279,7 +281,7 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
             params["lo"], params["hi"] = pts[j], pts[j + 1]
             raw += [(r[0], *cell, pts[j], *r[1:])
                     for r in conn.execute(stmt, {k: params[k] for k in used}).fetchall() if r[1]]
-    rows, unit_parts = [], []
+    rows, unit_parts, late = [], [], 0
     for r in raw:
         out, k = [r[0], r[1], r[2], r[4]], 5
         for i, always, binary, has_elig in shape:
@@ -295,10 +297,13 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
                 n = s1 = s2 = e = 0
             out += [n, s1, s2] + ([e] if has_elig else [])
         rows.append(out)
+        if label_idx:
+            late += (r[k] or 0) if any(r[3] < elig_at[i] for i in label_idx) else 0
+            k += 1
         if with_units:
             unit_parts.append((r[0], int(r[1]), r[k] or 0, r[k + 1] or 0))
     rows = _merge(rows)
-    if label_idx:
+    if late:
         rows = _add_late_labels(conn, dialect, model, windows, policy, params, dts, rows)
     rows = [tuple(r) for r in rows]
     if not with_units:
