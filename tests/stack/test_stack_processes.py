@@ -393,10 +393,11 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     back on evidence: the run is triggered and followed through the REST API only, the decision record is read
     from the task log, and the gateway serves stable again.
 
-    Why not a promotion here: on this shared machine the good candidate v2 (gradient-boosted trees, ~1 ms per
-    call against ~0.2 ms for stable's logistic regression) is rolled back on ``latency_p95_exceed`` harm, and
-    the judge tests a metric only after three minute-clusters per arm, so two steps plus the post-deploy hold
-    take longer than this module's 6-minute budget. Promotion end to end is covered by tests/e2e (dag.test).
+    Why not a promotion here (as of this writing): the demo's good candidate v2 (gradient-boosted trees,
+    ~1 ms per call against ~0.2 ms for stable's logistic regression) is rolled back on ``latency_p95_exceed``
+    harm on this machine; a candidate with no errors can never advance while the critical ``error_rate`` is
+    "not tested: no variation in either arm" (zero errors in both arms); and the judge tests a metric only
+    after three minute-clusters per arm, so two steps plus the post-deploy hold overrun the 6-minute budget.
     """
     token = stack.token()
     wait_for(lambda: _get(stack, token, f"/api/v2/dags/{DAG_ID}").status_code == 200,
