@@ -8,7 +8,7 @@ For each row count and backend it generates a prediction log inside the database
 row columns ``label``, ``label_ts`` and ``unit_first`` filled as the gateway keeps them; sticky units
 (unit = g * 7919 mod 100000, deterministic so SQLite cannot re-draw it; the unit decides the arm, as the
 gateway's hash routing does), a ramp 1 -> 5 -> 25 -> 50 % over four one-hour steps, 2 % errors, feedback
-for 30 % of the requests 60 s after the prediction, and about 1 % of those labels corrected 10 minutes
+for 30 % of the requests 60 s after the prediction, and about 0.1 % of those labels corrected 10 minutes
 after the look (so the look has to read their earlier label from the feedback history). Then, in the
 same run and each in a fresh process (so peak memory is the phase's own):
 
@@ -72,9 +72,11 @@ ROW_COLUMNS = ("ALTER TABLE predictions ADD COLUMN label DOUBLE PRECISION",
 LABELLED = "(({g} * 2654435761) % 1000) < 300"
 LABEL = "(({g} * 40503) % 1009) % 2"
 LABEL_AFTER_S = 60
-# About 1 % of the labels are corrected (flipped) 10 minutes after the look: the row keeps the correction,
-# so the look must read the label it had at the look time from the feedback history.
-CORRECTED = "({g} % 97) = 0"
+# About 0.1 % of the labels are corrected (flipped) 10 minutes after the look: the row keeps the correction,
+# so the look must read the label it had at the look time from the feedback history (about what arrives
+# between the recorded look time and the analysis a few seconds later; each such label costs the look two
+# index look-ups, so a retry hours later pays more).
+CORRECTED = "({g} % 997) = 0"
 CORRECTED_AFTER_LOOK_S = 600
 # Units cycle every 100,000 requests (u = g * 7919 mod 100000 is a bijection on each block of 100,000 g), so
 # a unit's first request in a step is among the step's first 100,000 requests; a step starts at

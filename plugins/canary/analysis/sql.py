@@ -156,10 +156,6 @@ def _binary(m: MetricPolicy) -> bool:
     return m.kind == "latency_threshold" or m.source in ("error", "null_score", "mismatch")
 
 
-_LATEST_BY_LOOK = ("(SELECT f.label FROM feedback f WHERE f.request_id = p.request_id AND f.ts <= :look_at "
-                   "ORDER BY f.ts DESC, f.label DESC LIMIT 1)")
-
-
 def _label_value(m: MetricPolicy, dialect: str, lab: str) -> str:
     """The per-request value of label metric ``m`` given the label expression ``lab``."""
     return {
@@ -340,14 +336,20 @@ def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window],
     col = 4
     for i, m in enumerate(policy.metrics):
         if m.needs_labels:
-            v = f"CASE WHEN {_eligible_sql(m, i)} THEN {_label_value(m, dialect, _LATEST_BY_LOOK)} END"
+            v = f"CASE WHEN {_eligible_sql(m, i)} THEN {_label_value(m, dialect, 'lf.label')} END"
             aggs += [f"COUNT({v})", f"SUM({v})", f"SUM(({v}) * ({v}))"]
             pos.append(col)
         col += 4 if m.needs_labels else 3
-    sql = (f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
-           "FROM predictions p WHERE p.request_id IN (SELECT f.request_id FROM feedback f WHERE f.ts > :look_at) "
-           f"AND p.label_ts > :look_at AND p.model = :model AND p.arm IN ('stable', 'canary') AND {where_win} "
-           "GROUP BY 1, 2, 3")
+    # requests with feedback after the look; for them the latest label received by the look (one row each:
+    # the largest ts, ties: the larger label), joined once (no per-row subquery)
+    sql = ("WITH late AS (SELECT DISTINCT f.request_id FROM feedback f WHERE f.ts > :look_at), "
+           "by_look AS (SELECT f.request_id, f.label, ROW_NUMBER() OVER (PARTITION BY f.request_id "
+           "ORDER BY f.ts DESC, f.label DESC) AS rn FROM feedback f WHERE f.ts <= :look_at "
+           "AND f.request_id IN (SELECT request_id FROM late)) "
+           f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
+           "FROM predictions p LEFT JOIN by_look lf ON lf.request_id = p.request_id AND lf.rn = 1 "
+           "WHERE p.request_id IN (SELECT request_id FROM late) AND p.label_ts > :look_at AND p.model = :model "
+           f"AND p.arm IN ('stable', 'canary') AND {where_win} GROUP BY 1, 2, 3")
     index = {(r[0], int(r[1]), int(r[2])): r for r in rows}
     for r in _run(conn, sql, params, dts + wnames):
         if r[1] is None:
