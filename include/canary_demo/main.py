@@ -77,6 +77,9 @@ def _setup_airflow_and_models(paths: StackPaths, env: dict[str, str]) -> None:
         raise DemoError(f"{' and '.join(failed)} failed; see {log}")
     if not (paths.models / MODEL / STABLE / "metadata.json").exists():
         raise DemoError(f"demo model training wrote no {MODEL}/{STABLE} into {paths.models}; see {log}")
+    from canary_demo.candidate import register_good_candidate
+
+    register_good_candidate(paths.models)
 
 
 def _route_getter(url: str):
@@ -135,7 +138,8 @@ def run_demo(args: argparse.Namespace) -> int:
     clock.say(f"state folder {paths.var}; logs in {paths.logs}; notifications go to a webhook on "
               f"127.0.0.1:{receiver.port}")
     _fresh_state(paths)
-    clock.say("migrating the Airflow DB (var/airflow) and training the demo models (var/models) ...")
+    clock.say("migrating the Airflow DB (var/airflow) and training the demo models and the good candidate "
+              "fraud/v5 (var/models) ...")
     _setup_airflow_and_models(paths, env)
     spec_path = write_demo_spec(spec_dir, webhook_conn_id="canary_webhook")
     clock.say(f"demo spec (holds of seconds) written to {spec_path}")

@@ -51,8 +51,8 @@ class RolloutCase:
 
 CASES: tuple[RolloutCase, ...] = (
     RolloutCase(
-        title="good candidate: better model, same latency and error rate",
-        candidate="v2",
+        title="good candidate: stable's model family on better features, more accurate and as fast",
+        candidate="v5",
         expect="promoted",
         params={"steps": [10, 50], "hold_min_duration": "20s", "hold_min_samples": 150},
     ),
