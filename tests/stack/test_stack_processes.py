@@ -6,7 +6,7 @@ SQLite metadata database in a temp AIRFLOW_HOME), the demo-model training, the g
 fresh PostgreSQL database made by the compose postgres init script) and the simulator. Every compose
 healthcheck is run against them. Then, as a user would: log in at ``/auth/token``, unpause the rollout DAG,
 trigger it with a conf like the trigger form sends, follow the run through ``/api/v2`` until it ends, read the
-decision record from the task log through the API, and check the gateway's route.
+decision record from the task log through the API, and check the gateway's route, registry and log.
 
 Bounded: every wait has a timeout, the module has a hard pytest timeout, and teardown kills every process
 group this module started.
@@ -438,6 +438,19 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     assert route["generation"] > before["generation"], route
     assert requests.get(f"{stack.gateway}/v1/models/{MODEL}/versions/v1", timeout=5).json()["stage"] == "production"
     assert requests.get(f"{stack.gateway}/v1/models/{MODEL}/versions/v4", timeout=5).json()["stage"] != "production"
+
+    # The gateway logged both arms (and the simulator's labels) in the PostgreSQL prediction log.
+    engine = create_engine(stack.prediction_db_url)
+    try:
+        with engine.connect() as conn:
+            served = dict(conn.execute(text(
+                "SELECT version || '/' || arm, COUNT(*) FROM predictions WHERE model = :m GROUP BY version, arm"),
+                {"m": MODEL}).all())
+            labels = conn.execute(text("SELECT COUNT(*) FROM feedback")).scalar_one()
+    finally:
+        engine.dispose()
+    assert served.get("v1/stable", 0) >= WARMUP_ANSWERS and served.get("v4/canary", 0) > 0, served
+    assert labels > 0
 
     # The HTML report, found through the report task's XCom, says rolled back.
     report = _report_of(stack, token, run_id)
