@@ -61,11 +61,11 @@ def airflow_db() -> str:
     return home
 
 
-@pytest.fixture(scope="session")
-def rollouts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rollouts folder holding the fraud spec with the e2e timings (the DAG file reads it at parse time)."""
-    folder = tmp_path_factory.mktemp("rollouts")
+def write_e2e_spec(folder: Path, drop_metrics: tuple[str, ...] = ()) -> Path:
+    """The fraud spec with the e2e timings in ``folder`` (optionally without some metrics)."""
+    folder.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load((REPO / "include" / "rollouts" / "fraud.yaml").read_text())
+    spec["metrics"] = [m for m in spec["metrics"] if m["name"] not in drop_metrics]
     t = E2E_TIMINGS
     spec["steps"] = list(t["steps"])
     spec["hold"] = dict(t["hold"])
@@ -76,6 +76,18 @@ def rollouts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             metric["label_delay"] = t["label_delay"]
     (folder / "fraud.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
+
+
+@pytest.fixture
+def rollouts_without(tmp_path: Path) -> Any:
+    """``rollouts_without(*metric_names)``: a rollouts folder whose fraud spec leaves those metrics out."""
+    return lambda *names: write_e2e_spec(tmp_path / "rollouts-without", drop_metrics=tuple(names))
+
+
+@pytest.fixture(scope="session")
+def rollouts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rollouts folder holding the fraud spec with the e2e timings (the DAG file reads it at parse time)."""
+    return write_e2e_spec(tmp_path_factory.mktemp("rollouts"))
 
 
 @pytest.fixture(scope="session")
@@ -284,12 +296,12 @@ def make_stack(airflow_db, rollouts_dir, trained_models, tmp_path, monkeypatch, 
 
     made: list[Stack] = []
 
-    def make(store: str = "sqlite") -> Stack:
+    def make(store: str = "sqlite", rollouts: Path | None = None) -> Stack:
         models = tmp_path / "models"
         shutil.copytree(trained_models, models)
         log_store = sqlite_store(tmp_path) if store == "sqlite" else postgres_store(pg_admin)
         gw = start_gateway(models, log_store.db_url, extra_args=["--lease-check-interval", "0.2"])
-        monkeypatch.setenv("CANARY_ROLLOUTS_DIR", str(rollouts_dir))
+        monkeypatch.setenv("CANARY_ROLLOUTS_DIR", str(rollouts or rollouts_dir))
         monkeypatch.setenv("CANARY_REPORT_DIR", str(tmp_path / "reports"))
         monkeypatch.setenv("AIRFLOW_CONN_CANARY_PREDICTION_LOG", json.dumps(log_store.conn))
         stack = Stack(gw, log_store, models, monkeypatch)
