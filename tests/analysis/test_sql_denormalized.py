@@ -99,8 +99,18 @@ def test_one_scan_equals_pandas_and_the_joined_look(engines, log, which):
     _same(fast, look_stats(eng, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds=THR, denormalized=False))
 
 
-def test_labels_after_the_look_come_from_the_feedback_history(engines, log):
+def test_labels_after_the_look_come_from_the_feedback_history(engines, log, monkeypatch):
     """Rows whose latest label arrived after the look must use the one received by the look time."""
+    import canary.analysis.sql as sql_mod
+
+    seen: list[int] = []
+    real = sql_mod._add_late_labels
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sql_mod, "_add_late_labels", spy)
     pred, fb = log
     late = fb[fb.ts > LOOK_AT].request_id
     early = fb[fb.ts <= LOOK_AT].request_id
@@ -109,6 +119,7 @@ def test_labels_after_the_look_come_from_the_feedback_history(engines, log):
     a = look_stats(sq, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds=THR)
     b = look_stats(pg, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds=THR)
     _same(a, b)
+    assert len(seen) == 2  # both databases read those labels from the history
     # an earlier look sees fewer labels than a later one on the same windows (nothing from the future)
     early_look = look_stats(sq, "fraud", WINDOWS, POLICY, LOOK_AT - timedelta(seconds=300), thresholds=THR)
     assert early_look.metrics["mistake"].n.sum() < a.metrics["mistake"].n.sum()
