@@ -183,3 +183,14 @@ def _same_policy(a, b, pol) -> None:
         pd.testing.assert_frame_equal(frame(a.metrics[m.name]), frame(b.metrics[m.name]), rtol=1e-12,
                                       check_dtype=False, obj=m.name)
     assert a.traffic == b.traffic and a.labels == b.labels
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sqlite", "postgresql"])
+def test_empty_and_rowless_windows(engines, which):
+    eng = engines[which]
+    far = T0 + timedelta(days=30)
+    empty = look_stats(eng, "fraud", [(0, 10.0, far, far)], POLICY, far, thresholds=THR)
+    rowless = look_stats(eng, "fraud", [(0, 10.0, far, far + timedelta(seconds=90))], POLICY,
+                         far + timedelta(seconds=90), thresholds=THR)
+    for st in (empty, rowless):
+        assert st.traffic == [] and all(len(st.metrics[m.name].n) == 0 for m in POLICY.metrics)
