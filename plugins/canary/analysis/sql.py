@@ -257,9 +257,6 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
     pts, cells = _cell_grid(windows, tuple(elig_at.values()))
     raw: list[tuple] = []  # (arm, step, minute, lo, aggregates...)
     if dialect == "postgresql":  # one parallel aggregate; the cell is a binary search over the cut points
-        # JIT (compiled expressions and tuple deforming) pays for its ~0.2 s of compiling only on large
-        # scans: this transaction uses it only where the server would also inline and optimise.
-        conn.execute(text("SET LOCAL jit_above_cost = 500000"))
         params["cuts"] = pts
         sql = (f"SELECT p.arm, width_bucket(p.ts, CAST(:cuts AS timestamp[])) AS cell, {', '.join(aggs)} "
                "FROM predictions p WHERE p.model = :model AND p.ts >= :wlo AND p.ts < :whi GROUP BY 1, 2")
@@ -431,10 +428,11 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
         have = log_columns(conn) if denormalized is None else set()
         labels_on_row = denormalized if denormalized is not None else set(LABEL_COLUMNS) <= have
         flags_on_row = denormalized if denormalized is not None else UNIT_COLUMN in have
-        if dialect == "postgresql":  # this transaction only: hash aggregates (and the join's hashes) in memory
-            conn.execute(text("SET LOCAL work_mem = '64MB'"))
-            if not labels_on_row:
-                conn.execute(text("SET LOCAL jit = off"))
+        if dialect == "postgresql":  # this transaction only, one round trip: hash aggregates in memory; JIT
+            # (compiled expressions and tuple deforming) pays for its ~0.2 s of compiling only on large scans,
+            # so only where the server would also inline and optimise (never for the join)
+            conn.execute(text("SELECT set_config('work_mem', '64MB', true), set_config('jit_above_cost', :jit, true)"),
+                         {"jit": "500000" if labels_on_row else "-1"})
         units: dict[tuple[str, int], int] | None = None
         if labels_on_row:
             rows, units = _rows_denormalized(conn, dialect, model, windows, policy, look_at, thresholds,
