@@ -116,3 +116,33 @@ def test_missing_column_is_named():
     df = rollout({"stable": 0.02, "canary": 0.02}).drop(columns=["latency_ms"])
     with pytest.raises(ValueError, match="latency_ms"):
         judge(df, POLICY)
+
+
+ZERO_ERRORS = Policy(
+    metrics=(MetricPolicy("error_rate", "error", critical=True, margin=0.002, margin_type="absolute"),),
+    planned_canary_samples=6000, circuit_breaker_alpha=0.001)
+
+
+def test_a_canary_that_makes_no_errors_can_be_promoted():
+    # Neither arm makes an error: the critical error-rate metric has no variation. It must still be tested
+    # (0 errors in thousands of requests bounds the rate well below a 0.2 % margin), not block promotion.
+    df = rollout({"stable": 0.0, "canary": 0.0}, steps=(50.0,), n_per_step=12000)
+    v = judge(df, ZERO_ERRORS, None, is_last_step=True)
+    ev = v.metrics[0]
+    assert ev.tested and ev.se > 0 and ev.non_inferior and not ev.harm
+    assert v.decision == "promote", v.reason
+
+
+def test_zero_errors_in_few_requests_is_not_enough_to_promote():
+    # 0 errors in ~60 requests per arm: the exact upper bound (about 3/60 = 5 %) is far above the margin.
+    df = rollout({"stable": 0.0, "canary": 0.0}, steps=(50.0,), n_per_step=120)
+    v = judge(df, ZERO_ERRORS.__class__(**{**ZERO_ERRORS.__dict__, "min_samples": 10}), None, is_last_step=True)
+    ev = v.metrics[0]
+    assert ev.tested and not ev.non_inferior
+    assert v.decision == "extend", v.reason
+
+
+def test_errors_only_in_the_canary_are_harm_even_when_stable_has_none():
+    df = rollout({"stable": 0.0, "canary": 0.01}, steps=(50.0,), n_per_step=12000)
+    v = judge(df, ZERO_ERRORS, None, is_last_step=True)
+    assert v.decision == "rollback", v.reason

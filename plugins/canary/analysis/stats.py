@@ -170,8 +170,15 @@ def t_to_z(t: float, df: float) -> float:
     return math.copysign(float(z), t)
 
 
-def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray):
-    """Per (step, arm) totals, mean, variance of the mean and degrees of freedom."""
+def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool = False):
+    """Per (step, arm) totals, mean, variance of the mean and degrees of freedom.
+
+    ``binary``: a cell with no variation (no events, or only events: an error rate of 0 in 6,000 requests)
+    gets the variance of a half-event pseudo-count, ``p (1 - p) / N`` with ``p = (x + 1/2) / (N + 1)``,
+    instead of 0. Without it a guardrail that never fires could never be tested, and a critical metric like
+    the error rate would block every promotion of a canary that makes no errors. The floor shrinks like
+    ``1 / N``, so 0 errors in 200 requests cannot show non-inferiority at a 0.2 % margin, but 0 in 6,000 can
+    (the exact upper 95 % bound, about 3 / N, agrees). Cells with variation keep their own variance."""
     key = step_idx * 2 + c.canary.astype(np.int64)
     size = nstep * 2
     has = c.n > 0
@@ -186,6 +193,10 @@ def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray):
         v_cr = np.where(G >= 2, G / np.maximum(G - 1.0, 1.0) * R / (N * N), np.nan)
         s2 = np.maximum(S2 / N - m * m, 0.0) * N / (N - 1.0)
         v_iid = s2 / N
+    if binary:
+        p = (S1 + 0.5) / (N + 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v_iid = np.where((N > 0) & (v_iid <= 0.0), p * (1.0 - p) / N, v_iid)
     use_cr = v_cr > v_iid
     v = np.where(use_cr, v_cr, v_iid)
     dfc = np.where(use_cr, G - 1.0, N - 1.0)
@@ -197,7 +208,7 @@ def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     steps, step_idx = np.unique(c.step, return_inverse=True)
     if len(steps) == 0:
         return None
-    N, m, v, dfc, G = _cells(c, len(steps), step_idx)
+    N, m, v, dfc, G = _cells(c, len(steps), step_idx, binary=metric.kind in ("binary", "latency_threshold"))
     Nb, Nc = N[0::2], N[1::2]
     valid = (Nb >= 2) & (Nc >= 2) & np.isfinite(v[0::2]) & np.isfinite(v[1::2])
     if not valid.any():
