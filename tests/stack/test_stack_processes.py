@@ -248,7 +248,7 @@ def _stable_answers(stack: Stack) -> float:
 
 def _get(stack: Stack, token: str, path: str, **params) -> requests.Response:
     return requests.get(f"{stack.api}{path}", headers={"Authorization": f"Bearer {token}"}, params=params,
-                        timeout=15)
+                        timeout=60)
 
 
 def test_every_service_is_up_and_airflow_reports_its_components_healthy(stack):
@@ -354,7 +354,7 @@ def _trigger_like_the_form(stack: Stack, token: str, changes: dict) -> str:
     assert set(form) == {"candidate", "steps", "hold_min_duration", "hold_min_samples", "hold_max_wait",
                          "margins"}, form
     conf = {**form, **changes}
-    created = requests.post(f"{stack.api}/api/v2/dags/{DAG_ID}/dagRuns", headers=headers, timeout=15,
+    created = requests.post(f"{stack.api}/api/v2/dags/{DAG_ID}/dagRuns", headers=headers, timeout=60,
                             json={"logical_date": None, "conf": conf, "note": "stack test"})
     assert created.status_code == 200, created.text
     assert created.json()["conf"] == conf and created.json()["run_type"] == "manual"
@@ -403,7 +403,7 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     wait_for(lambda: _get(stack, token, f"/api/v2/dags/{DAG_ID}").status_code == 200,
              timeout=120, interval=2, what=f"{DAG_ID} in the REST API", group=stack.group)
     unpaused = requests.patch(f"{stack.api}/api/v2/dags/{DAG_ID}", json={"is_paused": False},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=15)
+                              headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert unpaused.status_code == 200, unpaused.text
     # As in production, stable has served traffic before the rollout starts: pre-flight measures its
     # baseline (latency p95, base rates) on the log. Wait for 20 s of the simulator's traffic.
