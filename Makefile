@@ -14,7 +14,7 @@ DB_URL ?= sqlite:///$(VAR)/predictions.db
 RATE ?= 50
 DURATION ?= 60
 
-.PHONY: setup test lint demo models gateway simulator airflow bench clean
+.PHONY: setup test lint demo models gateway simulator airflow bench stack-test clean
 
 # Installs pinned versions: constraints.txt is a `pip freeze` of a working install.
 $(VENV)/.installed: requirements.txt constraints.txt
@@ -44,6 +44,13 @@ simulator: setup
 
 demo: setup
 	$(PY) -m canary_demo
+
+# Airflow standalone on 127.0.0.1:8080 with the gateway and simulated traffic, for trying the UI form.
+airflow: setup
+	$(PY) -m airflow_local
+
+stack-test: setup
+	$(VENV)/bin/pytest -q tests/stack
 
 bench: setup
 	$(PY) benchmarks/parse_time.py
