@@ -363,19 +363,8 @@ class _FailSafeCallback:
         except Exception as exc:  # the fail-safe still works from the spec file alone
             log.warning("fail-safe callback could not read the plan from XCom (%s); using %s", exc, self.spec_path)
             plan = None
-        # The run's conf names the candidate even where XCom cannot be read (callbacks run outside a task);
-        # the fail-safe only takes that version's canary off the route.
-        candidate = None
         try:
-            dag_run = context.get("dag_run")
-            conf = getattr(dag_run, "conf", None) or {}
-            candidate = conf.get("candidate") if isinstance(conf, dict) else None
-        except Exception:
-            candidate = None
-        try:
-            runtime.fail_safe(
-                plan, self.spec_path, str(context.get("reason") or "the run failed"), candidate=candidate
-            )
+            runtime.fail_safe(plan, self.spec_path, str(context.get("reason") or "the run failed"))
         except Exception:
             log.exception("fail-safe callback for %s could not make traffic safe", self.spec_path)
 

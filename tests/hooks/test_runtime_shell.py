@@ -145,26 +145,3 @@ def test_post_deploy_hold_and_drift_check_after_promotion(make_plan, gateway, ro
     assert drift["reference_rows"] == 80 and drift["current_rows"] >= 60
     assert "amount" in drift["drifted"], drift
     assert "hour" not in drift["drifted"]
-
-
-def test_dag_failure_callback_takes_only_this_runs_canary_off(gateway, router_conn, set_conn):
-    """The DAG's on_failure_callback (run timeout, mark-failed) runs outside any task: it reads the candidate
-    from the run's conf and takes that canary off the route, and leaves another version's canary alone."""
-    from types import SimpleNamespace
-    from urllib.parse import urlparse
-
-    from canary.dag_factory import _FailSafeCallback
-
-    u = urlparse(gateway.url)  # the real spec file names the connection canary_gateway
-    set_conn("canary_gateway", conn_type="http", host=u.hostname, port=u.port, password=gateway.token)
-    hook = TrafficRouterHook(router_conn)
-    g = hook.get_route("fraud").generation
-    hook.set_route("fraud", stable="v1", canary="v2", canary_percent=10, lease_seconds=120, if_generation=g)
-    callback = _FailSafeCallback("include/rollouts/fraud.yaml")
-
-    callback({"dag_run": SimpleNamespace(conf={"candidate": "v3"}), "reason": "timed out"})
-    assert hook.get_route("fraud").canary_percent == 10  # not this run's canary
-
-    callback({"dag_run": SimpleNamespace(conf={"candidate": "v2"}), "reason": "timed out"})
-    route = hook.get_route("fraud")
-    assert route.canary_percent == 0 and route.stable == "v1"
