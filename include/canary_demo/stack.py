@@ -12,9 +12,6 @@ import json
 import os
 import secrets
 import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,34 +100,6 @@ def airflow_env(
     if webhook_conn is not None:
         env["AIRFLOW_CONN_CANARY_WEBHOOK"] = json.dumps(webhook_conn)
     return env
-
-
-def migrate_airflow_db(env: dict[str, str], log_path: Path) -> float:
-    """``airflow db migrate`` in a child process (idempotent). Returns the seconds it took."""
-    started = time.monotonic()
-    with open(log_path, "ab") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            timeout=600,
-        )
-    if proc.returncode != 0:
-        raise DemoError(f"`airflow db migrate` failed with exit code {proc.returncode}; see {log_path}")
-    return time.monotonic() - started
-
-
-def train_models(paths: StackPaths, env: dict[str, str], log_path: Path) -> list[str]:
-    """Train the demo models into ``var/models`` (``python -m demo_models.train --out ...``).
-
-    Returns the model names found in the directory afterwards.
-    """
-    with open(log_path, "ab") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "demo_models.train", "--out", str(paths.models)], env=env, stdout=log,
-            stderr=subprocess.STDOUT, timeout=600,
-        )
-    if proc.returncode != 0:
-        raise DemoError(f"training the demo models failed (exit code {proc.returncode}); see {log_path}")
-    return sorted(p.name for p in paths.models.iterdir() if p.is_dir())
 
 
 def start_gateway(paths: StackPaths, token: str, port: int | None = None, timeout: float = 60.0):
