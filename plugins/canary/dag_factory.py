@@ -363,8 +363,18 @@ class _FailSafeCallback:
         except Exception as exc:  # the fail-safe still works from the spec file alone
             log.warning("fail-safe callback could not read the plan from XCom (%s); using %s", exc, self.spec_path)
             plan = None
+        # Callbacks cannot always read XCom; the run's conf names the candidate of a manual run, so the
+        # fail-safe can still take exactly this run's canary off the route (a scheduled run's candidate is
+        # only known to XCom: then the gateway's lease returns traffic to stable).
+        candidate = None
         try:
-            runtime.fail_safe(plan, self.spec_path, str(context.get("reason") or "the run failed"))
+            conf = getattr(context.get("dag_run"), "conf", None) or {}
+            candidate = conf.get("candidate") or None
+        except Exception as exc:
+            log.warning("fail-safe callback could not read the run's conf (%s)", exc)
+        try:
+            runtime.fail_safe(plan, self.spec_path, str(context.get("reason") or "the run failed"),
+                              candidate=candidate)
         except Exception:
             log.exception("fail-safe callback for %s could not make traffic safe", self.spec_path)
 

@@ -44,6 +44,7 @@ class Recorder:
         self.calls: list[str] = []
         self.rollback_verdict: dict[str, Any] | None = None
         self.fail_safe_calls: list[tuple[Any, Any]] = []  # (plan, reason): the task, then the DAG callback
+        self.fail_safe_candidates: list[Any] = []
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         rec = self
@@ -61,9 +62,10 @@ class Recorder:
             rec.rollback_verdict = verdict
             raise AirflowFailException(f"rolled back: {verdict['reason']}")
 
-        def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None) -> dict[str, Any]:
+        def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None, candidate: Any = None) -> dict[str, Any]:
             rec.calls.append("fail_safe")
             rec.fail_safe_calls.append((plan, reason))
+            rec.fail_safe_candidates.append(candidate)
             return {"route": None, "reached_gateway": True, "reason": reason}
 
         mp.setattr(runtime, "preflight", preflight)
@@ -119,6 +121,7 @@ def test_rollback_at_the_first_step_fails_the_run_and_runs_the_fail_safe(
     (task_plan, task_reason), (_, callback_reason) = rec.fail_safe_calls
     assert task_plan["candidate"] == "v2" and "rollback" in task_reason
     assert callback_reason == "task_failure", "the DAG's on_failure_callback makes traffic safe too"
+    assert rec.fail_safe_candidates[-1] == "v2", "the callback names this run's candidate (from the run's conf)"
     assert states["report"] == "success"
 
 
