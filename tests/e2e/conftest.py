@@ -78,12 +78,6 @@ def write_e2e_spec(folder: Path, drop_metrics: tuple[str, ...] = ()) -> Path:
     return folder
 
 
-@pytest.fixture
-def rollouts_without(tmp_path: Path) -> Any:
-    """``rollouts_without(*metric_names)``: a rollouts folder whose fraud spec leaves those metrics out."""
-    return lambda *names: write_e2e_spec(tmp_path / "rollouts-without", drop_metrics=tuple(names))
-
-
 @pytest.fixture(scope="session")
 def rollouts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A rollouts folder holding the fraud spec with the e2e timings (the DAG file reads it at parse time)."""
