@@ -161,7 +161,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - a failing model is logged as an error, never crashes the gateway
             return None, None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"[:1000]
 
-    async def _shadow(model: str, version: str, unit_id: str | None, features: dict) -> None:
+    async def _shadow(model: str, version: str, unit_id: str | None, features: dict, generation: int) -> None:
         request_id = new_request_id()
         ts = utcnow()
         try:
@@ -189,6 +189,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 latency_ms=seconds * 1000.0,
                 status=status,
                 error=error,
+                generation=generation,
             )
         )
 
@@ -263,10 +264,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 latency_ms=seconds * 1000.0,
                 status=status,
                 error=error,
+                generation=route.generation,
             )
         )
         if chosen.shadow_version is not None:
-            task = asyncio.create_task(_shadow(model, chosen.shadow_version, unit_id, logged_features))
+            task = asyncio.create_task(
+                _shadow(model, chosen.shadow_version, unit_id, logged_features, route.generation)
+            )
             shadow_tasks.add(task)
             task.add_done_callback(shadow_tasks.discard)
         if error is not None:

@@ -88,8 +88,8 @@ class Gateway:
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Create the schema, scan the model directory, restore or create routes, start the log writer."""
-        create_schema(self.engine)
+        """Create (or extend) the schema, scan the model directory, restore or create routes, start the log writer."""
+        create_schema(self.engine, row_columns=True)
         self.registry.scan()
         with self._lock:
             self._routes = self.route_store.load_all()

@@ -3,6 +3,11 @@
 SQLite (WAL) by default, PostgreSQL by URL. Rows are written by one background thread in batches (one transaction
 per batch, executemany); the request path only puts a row on a bounded queue. When the queue is full the
 request waits (back-pressure) instead of dropping the row. `stop()` flushes every accepted row.
+
+The gateway also keeps the optional row columns of Contract 2 (`label`, `label_ts`, `unit_first`) so a look
+reads everything in one scan: the writer flags each unit's first request per (model, route generation, arm)
+through the `unit_exposures` table and copies every feedback's label onto its prediction row when it is the
+latest, both in the batch's transaction.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -58,6 +67,29 @@ predictions = Table(
     Column("status", String(8), nullable=False),
     Column("error", Text, nullable=True),
     Index("ix_predictions_model_ts", "model", "ts"),
+)
+
+ROW_COLUMNS = ("label", "label_ts", "unit_first")
+
+# `predictions` with the optional row columns, as the gateway writes it (its own MetaData: `create_schema(engine)`
+# without `row_columns` keeps creating the base Contract 2 tables that analysis fixtures and benchmarks build on).
+logged_predictions = Table(
+    "predictions",
+    MetaData(),
+    *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in predictions.columns],
+    Column("label", Double, nullable=True),
+    Column("label_ts", DateTime(timezone=False), nullable=True),
+    Column("unit_first", SmallInteger, nullable=True),
+)
+
+unit_exposures = Table(
+    "unit_exposures",
+    MetaData(),
+    Column("model", Text, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("arm", Text, nullable=False),
+    Column("unit_id", Text, nullable=False),
+    PrimaryKeyConstraint("model", "generation", "arm", "unit_id", name="pk_unit_exposures"),
 )
 
 feedback = Table(
@@ -103,9 +135,99 @@ def make_engine(db_url: str) -> Engine:
     return create_engine(db_url, pool_pre_ping=True, pool_size=4, max_overflow=4)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create the three tables and their indexes when missing (safe to call on every start)."""
+def create_schema(engine: Engine, row_columns: bool = False) -> None:
+    """Create the three tables and their indexes when missing (safe to call on every start).
+
+    With `row_columns` (the gateway) also the optional one-scan columns of Contract 2 on `predictions`, the
+    `feedback(ts)` index and the `unit_exposures` table; on an existing log the columns are added and
+    `label`/`label_ts` are filled from `feedback` in the same transaction (old rows keep `unit_first` NULL,
+    which makes a look over them count distinct units instead).
+    """
     metadata.create_all(engine, checkfirst=True)
+    if row_columns:
+        unit_exposures.create(engine, checkfirst=True)
+        _add_row_columns(engine)
+        with engine.begin() as conn:
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_feedback_ts ON feedback (ts)"))
+
+
+# The latest label per request: largest ts, ties: the larger label (Contract 2).
+_BACKFILL_LABELS = (
+    "UPDATE predictions SET "
+    "label = (SELECT f.label FROM feedback f WHERE f.request_id = predictions.request_id "
+    "ORDER BY f.ts DESC, f.label DESC LIMIT 1), "
+    "label_ts = (SELECT MAX(f.ts) FROM feedback f WHERE f.request_id = predictions.request_id) "
+    "WHERE EXISTS (SELECT 1 FROM feedback f WHERE f.request_id = predictions.request_id)"
+)
+
+
+def _add_row_columns(engine: Engine) -> None:
+    """Add the missing row columns and backfill the labels, in one transaction that holds the table's write
+    lock (two gateways starting together do it once; a crash leaves the columns absent, never unfilled)."""
+    dialect = engine.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"database dialect {dialect!r} is not supported for the prediction log: use SQLite or PostgreSQL"
+        )
+    if set(ROW_COLUMNS) <= _predictions_columns(engine):
+        return  # every start after the first: no lock taken
+    types = {c: logged_predictions.c[c].type.compile(dialect=engine.dialect) for c in ROW_COLUMNS}
+    raw = engine.raw_connection()
+    try:
+        if dialect == "sqlite":
+            con = raw.driver_connection
+            saved, con.isolation_level = con.isolation_level, None  # explicit BEGIN: DDL inside the transaction
+            try:
+                cur = con.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    have = {r[1] for r in cur.execute("PRAGMA table_info(predictions)").fetchall()}
+                    _alter_and_backfill(cur, have, types)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+            finally:
+                con.isolation_level = saved
+        else:
+            cur = raw.cursor()
+            try:
+                cur.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+                cur.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('predictions') "
+                    "AND attnum > 0 AND NOT attisdropped"
+                )
+                have = {r[0] for r in cur.fetchall()}
+                _alter_and_backfill(cur, have, types)
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+    finally:
+        raw.close()
+
+
+def _predictions_columns(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            rows = conn.execute(text(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('predictions') "
+                "AND attnum > 0 AND NOT attisdropped"
+            )).fetchall()
+        else:
+            rows = [(r[1],) for r in conn.execute(text("PRAGMA table_info(predictions)")).fetchall()]
+    return {r[0] for r in rows}
+
+
+def _alter_and_backfill(cur, have: set[str], types: dict[str, str]) -> None:  # noqa: ANN001 - DB-API cursor
+    missing = [c for c in ROW_COLUMNS if c not in have]
+    for name in missing:
+        cur.execute(f"ALTER TABLE predictions ADD COLUMN {name} {types[name]}")  # fixed names and types
+    if "label" in missing or "label_ts" in missing:
+        cur.execute(_BACKFILL_LABELS)
+        log.info("prediction log: added columns %s and filled label/label_ts from feedback", missing)
+    elif missing:
+        log.info("prediction log: added columns %s", missing)
 
 
 def _insert_ignoring_duplicates(engine: Engine, table: Table):  # noqa: ANN202 - dialect-specific Insert
@@ -157,8 +279,11 @@ class PredictionLog:
     rows_written: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._insert_prediction = _insert_ignoring_duplicates(self.engine, predictions)
+        self._insert_prediction = _insert_ignoring_duplicates(self.engine, logged_predictions)
         self._insert_feedback = insert(feedback)
+        self._update_label = text(_LABEL_UPDATE.format(label=":label", ts=":ts", rid=":request_id")).bindparams(
+            bindparam("ts", type_=DateTime())
+        )
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -262,35 +387,72 @@ class PredictionLog:
             self.on_written(len(preds))
 
     def _insert(self, preds: list[dict], fbs: list[dict]) -> None:
-        """One transaction per batch. SQLite and psycopg2 get plain DB-API executemany/execute_values: the writer
-        then holds the GIL for a fraction of the time SQLAlchemy's per-row processing takes, which keeps the
-        request path's latency flat while a batch is written."""
+        """One transaction per batch: the units' first exposures, the prediction rows (with `unit_first`), the
+        feedback rows, then the latest label of each request with feedback copied onto its prediction row
+        (after the inserts, so a feedback for a prediction in the same batch finds its row).
+
+        SQLite and psycopg2 get plain DB-API executemany/execute_values: the writer then holds the GIL for a
+        fraction of the time SQLAlchemy's per-row processing takes, which keeps the request path's latency flat
+        while a batch is written."""
         dialect, driver = self.engine.dialect.name, self.engine.dialect.driver
+        exposures = _exposure_keys(preds)
+        labels = _latest_labels(fbs)
         if dialect not in ("sqlite", "postgresql") or (dialect == "postgresql" and driver != "psycopg2"):
             with self.engine.begin() as conn:
+                new = self._new_exposures_sqlalchemy(conn, list(exposures)) if exposures else set()
+                flags = _unit_flags(preds, exposures, new)
                 if preds:
-                    conn.execute(self._insert_prediction, preds)
+                    conn.execute(
+                        self._insert_prediction,
+                        [
+                            {**{c: row.get(c) for c in _BASE_COLUMNS}, "unit_first": flag}
+                            for row, flag in zip(preds, flags, strict=True)
+                        ],
+                    )
                 if fbs:
                     conn.execute(self._insert_feedback, fbs)
+                if labels:
+                    conn.execute(self._update_label, labels)
             return
         as_text = dialect == "sqlite"
-        pred_rows = [_values(row, PREDICTION_COLUMNS, as_text) for row in preds]
-        fb_rows = [_values(row, FEEDBACK_COLUMNS, as_text) for row in fbs]
         raw = self.engine.raw_connection()
         try:
             cur = raw.cursor()
+            keys = list(exposures)
+            if dialect == "sqlite":
+                new = set()
+                for start in range(0, len(keys), _SQLITE_EXPOSURES_PER_STATEMENT):
+                    chunk = keys[start : start + _SQLITE_EXPOSURES_PER_STATEMENT]
+                    sql = _SQLITE_EXPOSURES.format(values=", ".join(["(?, ?, ?, ?)"] * len(chunk)))
+                    new.update(tuple(r) for r in cur.execute(sql, [v for key in chunk for v in key]).fetchall())
+            else:
+                from psycopg2.extras import execute_batch, execute_values
+
+                new = (
+                    {tuple(r) for r in execute_values(cur, _PG_EXPOSURES, keys, page_size=1000, fetch=True)}
+                    if keys
+                    else set()
+                )
+            flags = _unit_flags(preds, exposures, new)
+            pred_rows = [_values(row, PREDICTION_COLUMNS, as_text, flag) for row, flag in zip(preds, flags, strict=True)]
+            fb_rows = [_values(row, FEEDBACK_COLUMNS, as_text) for row in fbs]
+            if as_text:
+                for entry in labels:
+                    entry["ts"] = _ts_text(entry["ts"])
             if dialect == "sqlite":
                 if pred_rows:
                     cur.executemany(_SQLITE_PREDICTIONS, pred_rows)
                 if fb_rows:
                     cur.executemany(_SQLITE_FEEDBACK, fb_rows)
+                if labels:
+                    cur.executemany(_SQLITE_LABEL, labels)
             else:
-                from psycopg2.extras import execute_values
-
                 if pred_rows:
                     execute_values(cur, _PG_PREDICTIONS, pred_rows, page_size=1000)
                 if fb_rows:
                     execute_values(cur, _PG_FEEDBACK, fb_rows, page_size=1000)
+                if labels:
+                    execute_batch(cur, _PG_LABEL, labels, page_size=500)
             cur.close()
             raw.commit()
         except BaseException:
@@ -298,6 +460,21 @@ class PredictionLog:
             raise
         finally:
             raw.close()
+
+    def _new_exposures_sqlalchemy(self, conn, keys: list[tuple]) -> set[tuple]:  # noqa: ANN001 - Connection
+        """The keys not yet in `unit_exposures`, inserted (other PostgreSQL drivers than psycopg2)."""
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = (
+            pg_insert(unit_exposures)
+            .on_conflict_do_nothing(index_elements=["model", "generation", "arm", "unit_id"])
+            .returning(unit_exposures.c.model, unit_exposures.c.generation, unit_exposures.c.arm,
+                       unit_exposures.c.unit_id)
+        )
+        params = [dict(zip(("model", "generation", "arm", "unit_id"), key, strict=True)) for key in keys]
+        if getattr(conn.dialect, "insert_executemany_returning", False):
+            return {tuple(r) for r in conn.execute(stmt, params).fetchall()}
+        return {tuple(r) for p in params for r in conn.execute(stmt, p).fetchall()}
 
     def _spill(self, batch: list[tuple[str, dict]]) -> None:
         path = self.spill_path or Path("gateway-unwritten-rows.jsonl")
@@ -310,7 +487,8 @@ class PredictionLog:
         log.error("database unavailable at shutdown: %d rows written to %s for replay", len(batch), path)
 
 
-PREDICTION_COLUMNS = tuple(c.name for c in predictions.columns)
+_BASE_COLUMNS = tuple(c.name for c in predictions.columns)
+PREDICTION_COLUMNS = (*_BASE_COLUMNS, "unit_first")  # label/label_ts start NULL: feedback fills them
 FEEDBACK_COLUMNS = tuple(c.name for c in feedback.columns)
 _SQLITE_PREDICTIONS = (
     f"INSERT OR IGNORE INTO predictions ({', '.join(PREDICTION_COLUMNS)}) "
@@ -324,13 +502,68 @@ _PG_PREDICTIONS = (
 )
 _PG_FEEDBACK = f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) VALUES %s"
 
+# A unit's first request per (model, route generation, arm): the insert that succeeds returns the key.
+_EXPOSURE_KEY = "model, generation, arm, unit_id"
+_SQLITE_EXPOSURES = (
+    f"INSERT INTO unit_exposures ({_EXPOSURE_KEY}) VALUES {{values}} ON CONFLICT DO NOTHING RETURNING {_EXPOSURE_KEY}"
+)
+_SQLITE_EXPOSURES_PER_STATEMENT = 2000  # 4 variables each, below SQLite's 32766 limit
+_PG_EXPOSURES = f"INSERT INTO unit_exposures ({_EXPOSURE_KEY}) VALUES %s ON CONFLICT DO NOTHING RETURNING {_EXPOSURE_KEY}"
 
-def _values(row: dict, columns: tuple[str, ...], ts_as_text: bool) -> tuple:
-    """A row as a tuple in column order; SQLite timestamps as the text SQLAlchemy's DateTime reads back."""
+# The feedback's label goes onto the prediction row when it is the latest: larger ts, ties: the larger label.
+_LABEL_UPDATE = (
+    "UPDATE predictions SET label = {label}, label_ts = {ts} WHERE request_id = {rid} "
+    "AND (label_ts IS NULL OR label_ts < {ts} OR (label_ts = {ts} AND label < {label}))"
+)
+_SQLITE_LABEL = _LABEL_UPDATE.format(label=":label", ts=":ts", rid=":request_id")
+_PG_LABEL = _LABEL_UPDATE.format(label="%(label)s", ts="%(ts)s", rid="%(request_id)s")
+
+
+def _ts_text(ts: datetime) -> str:
+    """A timestamp as SQLite stores it (the text SQLAlchemy's DateTime writes and reads back)."""
+    return ts.isoformat(sep=" ", timespec="microseconds")
+
+
+def _values(row: dict, columns: tuple[str, ...], ts_as_text: bool, unit_first: int | None = None) -> tuple:
+    """A row as a tuple in column order (`unit_first` from the argument); SQLite timestamps as text."""
     values = [row.get(c) for c in columns]
+    if columns[-1] == "unit_first":
+        values[-1] = unit_first
     if ts_as_text:
-        values[1] = values[1].isoformat(sep=" ", timespec="microseconds")
+        values[1] = _ts_text(values[1])
     return tuple(values)
+
+
+def _exposure_keys(preds: list[dict]) -> dict[tuple, int]:
+    """(model, generation, arm, unit_id) of the batch's rows with a unit id -> index of its first row."""
+    keys: dict[tuple, int] = {}
+    for i, row in enumerate(preds):
+        unit, generation = row.get("unit_id"), row.get("generation")
+        if unit is not None and generation is not None:
+            keys.setdefault((row["model"], int(generation), row["arm"], unit), i)
+    return keys
+
+
+def _unit_flags(preds: list[dict], keys: dict[tuple, int], new: set[tuple]) -> list[int | None]:
+    """`unit_first` per row: 1 on the first row of a key seen for the first time, 0 on other rows with a unit
+    id, None without a unit id (or, for rows queued by other code, without the route generation)."""
+    flags: list[int | None] = [
+        None if row.get("unit_id") is None or row.get("generation") is None else 0 for row in preds
+    ]
+    for key, i in keys.items():
+        if key in new:
+            flags[i] = 1
+    return flags
+
+
+def _latest_labels(fbs: list[dict]) -> list[dict]:
+    """Per request of the batch's feedback the latest label (largest ts, ties: the larger label)."""
+    latest: dict[str, dict] = {}
+    for row in fbs:
+        have = latest.get(row["request_id"])
+        if have is None or (row["ts"], row["label"]) > (have["ts"], have["label"]):
+            latest[row["request_id"]] = {"request_id": row["request_id"], "label": row["label"], "ts": row["ts"]}
+    return list(latest.values())
 
 
 @dataclass
@@ -393,8 +626,13 @@ def prediction_row(
     latency_ms: float,
     status: str,
     error: str | None,
+    generation: int | None = None,
 ) -> dict:
-    """One `predictions` row; NaN scores and predictions are stored as NULL."""
+    """One `predictions` row; NaN scores and predictions are stored as NULL.
+
+    `generation` is the route generation the request was routed under: the writer flags the first request of
+    each (model, generation, arm, unit) with `unit_first = 1` (it is not a column of the log).
+    """
     return {
         "request_id": request_id,
         "ts": ts,
@@ -408,6 +646,7 @@ def prediction_row(
         "latency_ms": latency_ms,
         "status": status,
         "error": error,
+        "generation": generation,
     }
 
 

@@ -60,7 +60,7 @@ def pg_database() -> Iterator[str]:
 def _reset_pg(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        for table in ("predictions", "feedback", "routes"):
+        for table in ("predictions", "feedback", "routes", "unit_exposures"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
 

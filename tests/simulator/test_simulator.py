@@ -55,7 +55,7 @@ def test_simulator_sends_at_rate_and_posts_true_labels(models: Path, tmp_path: P
         SELECT AVG(ABS(p.prediction - f.label)) FROM predictions p JOIN feedback f ON f.request_id = p.request_id
         WHERE p.model = 'eta'""")[0][0]
     assert 1.0 < mae < 4.0, mae  # offline MAE of eta v1 is about 2.3 minutes; random pairing would be ~12
-    labels = {row[0] for row in _rows(db_url, "SELECT DISTINCT label FROM feedback f JOIN predictions p "
+    labels = {row[0] for row in _rows(db_url, "SELECT DISTINCT f.label FROM feedback f JOIN predictions p "
                                               "ON p.request_id = f.request_id WHERE p.model = 'fraud'")}
     assert labels == {0.0, 1.0}
 
