@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from canary.vocabulary import DIRECTIONS, KINDS, LABEL_SOURCES, SOURCES
+
 __all__ = [
     "SpecError",
     "Problem",
@@ -58,26 +60,12 @@ EMAIL_RE = re.compile(r"^[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-SOURCES = (
-    "error",
-    "latency_ms",
-    "score",
-    "prediction",
-    "null_score",
-    "label",
-    "mismatch",
-    "abs_error",
-    "squared_error",
-)
-LABEL_SOURCES = ("label", "mismatch", "abs_error", "squared_error")
-KINDS = ("binary", "continuous", "latency_threshold")
 #: Which sources make sense for which kind (a 0/1 kind needs a 0/1 source, and so on).
 KIND_SOURCES = {
     "binary": ("error", "null_score", "mismatch", "label", "prediction"),
     "continuous": ("latency_ms", "score", "prediction", "label", "abs_error", "squared_error"),
     "latency_threshold": ("latency_ms",),
 }
-DIRECTIONS = ("decrease", "increase")
 MARGIN_TYPES = ("absolute", "relative")
 ON_INCONCLUSIVE = ("rollback", "pause")
 SCHEDULE_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")

@@ -10,20 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SOURCES = (
-    "error",
-    "latency_ms",
-    "score",
-    "prediction",
-    "null_score",
-    "label",
-    "mismatch",
-    "abs_error",
-    "squared_error",
-)
-LABEL_SOURCES = ("label", "mismatch", "abs_error", "squared_error")
-KINDS = ("binary", "continuous", "latency_threshold")
-DIRECTIONS = ("decrease", "increase")
+from canary.vocabulary import DIRECTIONS, KINDS, LABEL_SOURCES, SOURCES
+
 MARGIN_TYPES = ("absolute", "relative")
 SPENDING = ("pocock", "obrien_fleming", "hsd")
 ON_INCONCLUSIVE = ("rollback", "pause")
