@@ -884,12 +884,15 @@ def analyze(
     pre: dict[str, Any],
     steps_so_far: list[dict[str, Any]],
     history: dict[str, Any] | None,
+    final_look: bool = False,
 ) -> dict[str, Any]:
     """One look: aggregate the recorded windows of every step so far, run the judge, write the record.
 
     :param steps_so_far: per step up to the current one: ``{"step_index", "percent", "step_started_at",
         "look_at"}`` from the ``set_traffic`` and ``hold`` XComs (windows are recorded times, never now()).
     :param history: the look history of earlier looks (JSON, see ``canary.analysis.LookHistory``).
+    :param final_look: this look is at the step's cap (no later look): on the last step the judge spends all
+        remaining alpha (``canary.analysis.judge``'s ``final_look``).
     :returns: ``{"verdict": Verdict.to_dict(), "history": LookHistory.to_dict(), "record": <text>}``.
     """
     from canary.analysis import judge
@@ -907,7 +910,7 @@ def analyze(
     drift = _arm_drift(plan, pre, steps_so_far)
     is_last = int(steps_so_far[-1]["step_index"]) == len(spec["steps"])
     verdict = judge(observations, policy, history, is_last_step=is_last, thresholds=thresholds,
-                    data_quality=dq, drift=drift)
+                    data_quality=dq, drift=drift, final_look=final_look)
     out = verdict.to_dict()
     breaker = steps_so_far[-1].get("breaker")
     if breaker and out["decision"] != "rollback":

@@ -146,3 +146,23 @@ def test_errors_only_in_the_canary_are_harm_even_when_stable_has_none():
     df = rollout({"stable": 0.0, "canary": 0.01}, steps=(50.0,), n_per_step=12000)
     v = judge(df, ZERO_ERRORS, None, is_last_step=True)
     assert v.decision == "rollback", v.reason
+
+
+def test_the_final_look_spends_the_remaining_alpha():
+    # Traffic ran slower than planned: the cap comes at a small information fraction, where the
+    # O'Brien-Fleming-type promotion boundary is out of reach. The final look is at t = 1 by definition.
+    planned_far = Policy(metrics=POLICY.metrics, planned_canary_samples=400_000, circuit_breaker_alpha=0.001)
+    df = rollout({"stable": 0.02, "canary": 0.02}, steps=(50.0,))
+    ordinary = judge(df, planned_far, None, is_last_step=True)
+    final = judge(df, planned_far, None, is_last_step=True, final_look=True)
+    assert ordinary.decision == "extend", ordinary.reason
+    assert final.decision == "promote", final.reason
+    assert final.metrics[0].information == 1.0 and final.metrics[0].b_promotion < ordinary.metrics[0].b_promotion
+    # Not on an earlier step: its cap is not the rollout's last look, the alpha stays for later steps.
+    assert judge(df, planned_far, None, is_last_step=False, final_look=True).metrics[0].information < 1.0
+
+
+def test_the_final_look_still_rolls_back_harm():
+    planned_far = Policy(metrics=POLICY.metrics, planned_canary_samples=400_000, circuit_breaker_alpha=0.001)
+    df = rollout({"stable": 0.02, "canary": 0.03}, steps=(50.0,))
+    assert judge(df, planned_far, None, is_last_step=True, final_look=True).decision == "rollback"

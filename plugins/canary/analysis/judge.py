@@ -133,7 +133,8 @@ def _fraction(policy: Policy, n_canary: int, look: int) -> float:
 
 def judge(observations: Any, policy: Policy, history: LookHistory | dict | None = None,
           is_last_step: bool = False, *, thresholds: dict[str, float] | None = None,
-          data_quality: dict[str, Any] | None = None, drift: dict[str, Any] | None = None) -> Verdict:
+          data_quality: dict[str, Any] | None = None, drift: dict[str, Any] | None = None,
+          final_look: bool = False) -> Verdict:
     """Decide one look. See the module docstring and Contract 3.
 
     :param observations: per-request ``pandas.DataFrame`` or :class:`~canary.analysis.stats.ArmStats`
@@ -146,6 +147,11 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
         (``{"success": bool, "failures": [...]}``); a failure rolls back.
     :param drift: result of ``canary.analysis.drift.compare_arms``; ``{"drifted": [...]}`` non-empty blocks
         advance and promotion (the routing is biased).
+    :param final_look: the last look the rollout will take (the last step at its cap). Its information
+        fraction is 1 whatever was planned, so it spends all remaining alpha (Lan-DeMets: the final analysis
+        is at t = 1 by definition). Without it a rollout whose traffic ran slower than planned reaches its cap
+        at a small fraction, where the O'Brien-Fleming-type promotion boundary is far out of reach (about
+        5.5 at t = 0.12), and a good canary is ended as inconclusive.
     """
     stats = observations if isinstance(observations, ArmStats) else ArmStats.from_frame(
         observations, policy, thresholds)
@@ -176,7 +182,8 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
             ev.note = "not tested: no variation in either arm yet"
             continue
         prev = hist.fractions(m.name)
-        t = max(_fraction(policy, c.n_canary, look), prev[-1] if prev else 0.0)
+        t = 1.0 if final_look and is_last_step else max(_fraction(policy, c.n_canary, look),
+                                                          prev[-1] if prev else 0.0)
         fr = [*prev, t]
         ev.tested, ev.information = True, t
         ev.b_rollback = boundaries(fr, a_rb, policy.rollback_spending, policy.hsd_gamma)[-1]

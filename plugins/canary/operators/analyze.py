@@ -129,11 +129,11 @@ class AnalyzeOperator(BaseOperator):
         self._renew(plan, pre, inp["generation"])
 
         while True:
-            result = runtime.analyze(plan, pre, steps, hist)
+            at_cap = look_at >= cap
+            result = runtime.analyze(plan, pre, steps, hist, final_look=at_cap)
             decision = result["verdict"]["decision"]
             looks.append({"look_at": iso(look_at), "verdict": result["verdict"], "record": result["record"]})
             self.log.info("decision record, step %s look %d:\n%s", self.step_index, look, result["record"])
-            at_cap = look_at >= cap
             if decision != "extend" or at_cap:
                 if decision == "extend":
                     self.log.info(
