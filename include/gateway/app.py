@@ -193,6 +193,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             )
         )
 
+    def known_model(model: str) -> None:
+        """404 for a name that is not a valid model name or not in the model directory."""
+        _check_model_name(model)
+        if not gateway.registry.has_model(model):
+            raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return _json(200, {"status": "ok"})
@@ -203,9 +209,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     async def predict(request: Request) -> Response:
         model = request.path_params["model"]
-        _check_model_name(model)
-        if not gateway.registry.has_model(model):
-            raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
+        known_model(model)
         body = await _body(request)
         if not isinstance(body, dict):
             raise HTTPException(422, 'body must be a JSON object {"features": {...}, "unit_id"?: str}')
@@ -343,9 +347,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/models/{model}/route")
     async def get_route(model: str) -> Response:
-        _check_model_name(model)
-        if not gateway.registry.has_model(model):
-            raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
+        known_model(model)
         try:
             route = await run_in_threadpool(gateway.route, model)
         except NoRoute as exc:
@@ -355,9 +357,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.put("/v1/models/{model}/route")
     async def put_route(model: str, request: Request) -> Response:
         require_admin(request)
-        _check_model_name(model)
-        if not gateway.registry.has_model(model):
-            raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
+        known_model(model)
         try:
             route_request = parse_route_request(await _body(request))
             route = await run_in_threadpool(gateway.set_route, model, route_request)
@@ -370,9 +370,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post("/v1/models/{model}/route/renew")
     async def renew_route(model: str, request: Request) -> Response:
         require_admin(request)
-        _check_model_name(model)
-        if not gateway.registry.has_model(model):
-            raise HTTPException(404, f"unknown model {model!r}; known models: {gateway.registry.models()}")
+        known_model(model)
         try:
             generation, lease = parse_renew_request(await _body(request))
             route = await run_in_threadpool(gateway.renew, model, generation, lease)
