@@ -76,12 +76,9 @@ def frame(cells) -> pd.DataFrame:
                          "s1": cells.s1, "s2": cells.s2}).sort_values(["canary", "step", "minute"]).reset_index(drop=True)
 
 
-def test_look_stats_equals_pandas(engine, log):
-    pred, fb = log
-    base = baseline(engine, "fraud", T0 - timedelta(seconds=300), T0, POLICY)
-    stats = look_stats(engine, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds={"slow_base": base["latency_p95"]})
-    ref = reference(pred, fb, base["latency_p95"])
-    for m in POLICY.metrics:
+def assert_cells_match(stats, ref, metrics) -> None:
+    """Every metric's (arm, step, minute) cells from the database equal the pandas reference's."""
+    for m in metrics:
         got = frame(stats.metrics[m.name])
         want = ref[m.name].sort_values(["canary", "step", "minute"]).reset_index(drop=True)
         assert len(got) == len(want) > 10, m.name
@@ -89,6 +86,14 @@ def test_look_stats_equals_pandas(engine, log):
                                       want[["canary", "step", "minute"]].to_numpy())
         np.testing.assert_allclose(got[["n", "s1", "s2"]].to_numpy(dtype=float),
                                    want[["n", "s1", "s2"]].to_numpy(dtype=float), rtol=1e-9, err_msg=m.name)
+
+
+def test_look_stats_equals_pandas(engine, log):
+    pred, fb = log
+    base = baseline(engine, "fraud", T0 - timedelta(seconds=300), T0, POLICY)
+    stats = look_stats(engine, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds={"slow_base": base["latency_p95"]})
+    ref = reference(pred, fb, base["latency_p95"])
+    assert_cells_match(stats, ref, POLICY.metrics)
     p = ref["_labels"]
     for arm in ("stable", "canary"):
         sel = p[p.arm == arm]

@@ -12,14 +12,13 @@ import os
 import uuid
 from datetime import timedelta
 
-import numpy as np
 import pandas as pd
 import pytest
 from analysis_logdata import T0, load_log, make_log
 from canary.analysis import MetricPolicy, Policy
 from canary.analysis.sql import _cells, log_columns, look_stats
 from sqlalchemy import DateTime, bindparam, create_engine, text
-from test_analysis_sql import LOOK_AT, POLICY, WINDOWS, frame, reference
+from test_analysis_sql import LOOK_AT, POLICY, WINDOWS, assert_cells_match, frame, reference
 
 PG_URL = os.environ.get("CANARY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 THR = {"slow_base": 25.0}
@@ -84,14 +83,7 @@ def test_one_scan_equals_pandas_and_the_joined_look(engines, log, which):
     assert {"label", "label_ts", "unit_first"} <= log_columns(eng)
     fast = look_stats(eng, "fraud", WINDOWS, POLICY, LOOK_AT, thresholds=THR)
     ref = reference(*log, THR["slow_base"])
-    for m in POLICY.metrics:
-        got = frame(fast.metrics[m.name])
-        want = ref[m.name].sort_values(["canary", "step", "minute"]).reset_index(drop=True)
-        assert len(got) == len(want) > 10, m.name
-        np.testing.assert_array_equal(got[["canary", "step", "minute"]].to_numpy(),
-                                      want[["canary", "step", "minute"]].to_numpy())
-        np.testing.assert_allclose(got[["n", "s1", "s2"]].to_numpy(dtype=float),
-                                   want[["n", "s1", "s2"]].to_numpy(dtype=float), rtol=1e-9, err_msg=m.name)
+    assert_cells_match(fast, ref, POLICY.metrics)
     p = ref["_labels"]
     for row in fast.traffic:
         sel = p[(p.arm == row["arm"]) & (p.step == row["step"])]
