@@ -29,6 +29,7 @@ __all__ = [
     "RolloutSpec",
     "Connections",
     "Hold",
+    "Clusters",
     "Metric",
     "Alpha",
     "Srm",
@@ -80,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "connections": {"router": "canary_gateway", "prediction_log": "canary_prediction_log"},
     "steps": [1, 5, 25, 50],
     "hold": {"min_duration": 600, "min_samples": 500, "max_wait": 7200, "poll_interval": 30},
+    "clusters": {"width": 60, "min_per_arm": 3},
     "lease": 900,
     "deadline": 86400,
     "metrics": [
@@ -246,6 +248,22 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Clusters:
+    """The time clusters of the judge's cluster-robust variance (``Policy.cluster_seconds`` and
+    ``Policy.min_clusters``).
+
+    :param width: seconds per cluster; divides 3600 (so clusters line up with whole minutes and hours).
+        Noise that is shared by one arm's requests for a while (a busy replica, a burst of one kind of
+        traffic) is absorbed only when it varies on a longer scale than the width.
+    :param min_per_arm: clusters each arm needs (over the steps so far) before a metric is tested; with
+        G clusters a step's cell has G - 1 degrees of freedom, so few clusters mean wide boundaries.
+    """
+
+    width: int = 60
+    min_per_arm: int = 3
+
+
+@dataclass(frozen=True)
 class Metric:
     """One guardrail metric (Contract 3). See docs/spec.md for every field."""
 
@@ -342,6 +360,7 @@ class RolloutSpec:
     connections: Connections = field(default_factory=Connections)
     steps: tuple[float, ...] = (1, 5, 25, 50)
     hold: Hold = field(default_factory=Hold)
+    clusters: Clusters = field(default_factory=Clusters)
     lease: int = 900
     deadline: int = 86400
     metrics: tuple[Metric, ...] = ()
@@ -393,6 +412,7 @@ class RolloutSpec:
                 "max_wait": self.hold.max_wait,
                 "poll_interval": self.hold.poll_interval,
             },
+            "clusters": {"width": self.clusters.width, "min_per_arm": self.clusters.min_per_arm},
             "lease": self.lease,
             "deadline": self.deadline,
             "metrics": [
@@ -462,6 +482,8 @@ class RolloutSpec:
             "circuit_breaker_alpha": self.circuit_breaker.alpha,
             "on_inconclusive": self.on_inconclusive,
             "planned_looks": len(self.steps),
+            "cluster_seconds": self.clusters.width,
+            "min_clusters": self.clusters.min_per_arm,
             "expected_canary_share": tuple(p / 100.0 for p in self.steps),
         }
         kwargs.update(overrides)
@@ -882,6 +904,24 @@ def _build(
         "hold.poll_interval", _get(h_raw, "poll_interval", hd["poll_interval"]), minimum=1
     )
 
+    # clusters
+    cl_raw = r.mapping("clusters", _get(raw, "clusters", {}), tuple(DEFAULTS["clusters"]), "clusters")
+    cld = DEFAULTS["clusters"]
+    cl_width = r.duration("clusters.width", _get(cl_raw, "width", cld["width"]), minimum=1)
+    if cl_width is not _BAD and 3600 % cl_width:
+        cl_width = r.add(
+            "clusters.width",
+            _get(cl_raw, "width", cld["width"]),
+            f"a cluster width must divide one hour ({format_duration(cl_width)} does not divide 3600 s)",
+            "use a width that divides 3600 s, e.g. 5s, 10s, 15s, 30s, 1m (the default) or 5m",
+        )
+    cl_min = r.integer(
+        "clusters.min_per_arm",
+        _get(cl_raw, "min_per_arm", cld["min_per_arm"]),
+        minimum=2,
+        fix="use at least 2 clusters per arm (the cluster-robust variance needs two), e.g. 3",
+    )
+
     lease = r.duration("lease", _get(raw, "lease", DEFAULTS["lease"]), minimum=1)
     deadline = r.duration("deadline", _get(raw, "deadline", DEFAULTS["deadline"]), minimum=1)
 
@@ -1222,6 +1262,7 @@ def _build(
         hold=Hold(
             min_duration=min_duration, min_samples=min_samples, max_wait=max_wait, poll_interval=poll_interval
         ),
+        clusters=Clusters(width=cl_width, min_per_arm=cl_min),
         lease=lease,
         deadline=deadline,
         metrics=metrics,

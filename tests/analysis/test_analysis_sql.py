@@ -43,11 +43,14 @@ def engine(request, log, tmp_path_factory):
         eng.dispose()
 
 
-def reference(pred: pd.DataFrame, fb: pd.DataFrame, thr_base: float, windows=WINDOWS) -> dict[str, pd.DataFrame]:
+def reference(pred: pd.DataFrame, fb: pd.DataFrame, thr_base: float, windows=WINDOWS,
+              width: int = 60) -> dict[str, pd.DataFrame]:
+    """Cells per (arm, step, cluster) computed by pandas; the cluster column is called ``minute`` (it is the
+    epoch minute for the default width of 60 s, epoch seconds // ``width`` otherwise)."""
     p = pred[(pred.model == "fraud") & pred.arm.isin(["stable", "canary"])].copy()
     p["step"] = np.select([(p.ts >= w[2]) & (p.ts < w[3]) for w in windows], [w[0] for w in windows], -1)
     p = p[p.step >= 0]
-    p["minute"] = (p.ts - pd.Timestamp("1970-01-01")) // pd.Timedelta(minutes=1)
+    p["minute"] = (p.ts - pd.Timestamp("1970-01-01")) // pd.Timedelta(seconds=width)
     f = fb[fb.ts <= LOOK_AT].sort_values("ts").groupby("request_id").tail(1).set_index("request_id")["label"]
     p["label"] = p.request_id.map(f)
     ok = (p.status == "ok") & p.prediction.notna()

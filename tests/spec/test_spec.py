@@ -217,6 +217,30 @@ CASES = {
         "model: demo\nhold: {min_duration: 10 minutes}\n", None, False,
         ("demo.yaml", "hold.min_duration", "is not a duration"),
     ),
+    "cluster-width-not-dividing-an-hour": (
+        "model: demo\nclusters: {width: 7s}\n", None, False,
+        ("demo.yaml", "clusters.width", "must divide one hour"),
+    ),
+    "cluster-width-zero": (
+        "model: demo\nclusters: {width: 0}\n", None, False,
+        ("demo.yaml", "clusters.width", "too short: must be at least 1 seconds"),
+    ),
+    "cluster-width-not-a-duration": (
+        "model: demo\nclusters: {width: ten seconds}\n", None, False,
+        ("demo.yaml", "clusters.width", "is not a duration"),
+    ),
+    "cluster-min-per-arm-one": (
+        "model: demo\nclusters: {min_per_arm: 1}\n", None, False,
+        ("demo.yaml", "clusters.min_per_arm", "out of range: must be >= 2"),
+    ),
+    "clusters-typo-nested-key": (
+        "model: demo\nclusters: {widht: 10s}\n", None, False,
+        ("demo.yaml", "clusters.widht", "unknown key 'widht' in clusters"),
+    ),
+    "clusters-not-a-mapping": (
+        "model: demo\nclusters: 10s\n", None, False,
+        ("demo.yaml", "clusters", "must be a mapping"),
+    ),
     "alpha-out-of-range": (
         "model: demo\nalpha: {rollback: 0.7}\n", None, False,
         ("demo.yaml", "alpha.rollback", "out of range: must be > 0 and < 0.5"),
@@ -412,3 +436,39 @@ def test_policy_rejects_nothing_the_spec_accepts(tmp_path: Path) -> None:
     spec: RolloutSpec = load_spec(write(tmp_path, text))
     policy = spec.policy(planned_canary_samples=1000)
     assert policy.alpha_rollback == 0.4999 and policy.planned_canary_samples == 1000
+
+
+def test_cluster_width_is_parsed_and_reaches_the_policy(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, VALID + "clusters: {width: 10s, min_per_arm: 4}\n"))
+    assert (spec.clusters.width, spec.clusters.min_per_arm) == (10, 4)
+    assert spec.to_dict()["clusters"] == {"width": 10, "min_per_arm": 4}
+    assert spec_from_dict(spec.to_dict()) == spec
+    policy = spec.policy(planned_canary_samples=1000)
+    assert (policy.cluster_seconds, policy.min_clusters) == (10, 4)
+    assert load_spec(write(tmp_path, VALID + "clusters: {width: 5m}\n")).policy().cluster_seconds == 300
+
+
+def test_specs_without_clusters_keep_one_minute(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, VALID))
+    assert (spec.clusters.width, spec.clusters.min_per_arm) == (60, 3) == tuple(DEFAULTS["clusters"].values())
+    policy = spec.policy()
+    assert (policy.cluster_seconds, policy.min_clusters) == (60, 3)
+    old_plan = spec.to_dict()
+    del old_plan["clusters"]  # a plan written before the field existed (a run in flight)
+    assert spec_from_dict(old_plan) == spec
+
+
+def test_clusters_typo_suggests_the_field(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, "model: demo\nclustres: {width: 10s}\nclusters: {min_per_am: 3}\n"))
+    fixes = {p.path: p.fix for p in info.value.problems}
+    assert "did you mean 'clusters'" in fixes["clustres"]
+    assert "did you mean 'min_per_arm'" in fixes["clusters.min_per_am"]
+
+
+def test_every_width_the_spec_accepts_the_policy_accepts(tmp_path: Path) -> None:
+    for width in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600):
+        spec = load_spec(write(tmp_path, VALID + f"clusters: {{width: {width}}}\n"))
+        assert spec.policy().cluster_seconds == width
+    with pytest.raises(SpecError, match=r"demo.yaml: clusters.width: a cluster width must divide one hour .*Fix"):
+        load_spec(write(tmp_path, VALID + "clusters: {width: 2h}\n"))

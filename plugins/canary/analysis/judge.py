@@ -13,8 +13,8 @@ Per metric (see ``docs/decisions.md`` for the reasoning and the benchmark):
   hold. **Extend** otherwise; at the cap the caller applies ``on_inconclusive``.
 
 The information fraction of a metric is its canary sample count over ``planned_canary_samples`` (or the
-look index over ``planned_looks``). A metric that cannot be tested yet (too few samples or clusters) spends
-no alpha at that look. The look history keeps the fractions and boundaries, so a re-run gives the same
+look index over ``planned_looks``). A metric that cannot be tested yet (too few samples, or fewer than
+``policy.min_clusters`` time clusters of ``policy.cluster_seconds`` per arm) spends no alpha at that look. The look history keeps the fractions and boundaries, so a re-run gives the same
 answer.
 """
 
@@ -175,8 +175,8 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
         ev.margin, ev.z_harm, ev.z_ni = c.margin_abs, c.z_harm, c.z_ni
         if min(c.n_stable, c.n_canary) < policy.min_samples or min(c.clusters_stable,
                                                                    c.clusters_canary) < policy.min_clusters:
-            ev.note = (f"not tested: needs >= {policy.min_samples} samples and >= {policy.min_clusters} minute "
-                       "clusters per arm")
+            ev.note = (f"not tested: needs >= {policy.min_samples} samples and >= {policy.min_clusters} "
+                       f"{policy.cluster_label} clusters per arm")
             continue
         if not math.isfinite(c.se) or c.se <= 0:
             ev.note = "not tested: no variation in either arm yet"

@@ -100,7 +100,14 @@ class Policy:
     :param rollback_spending: Lan-DeMets spending for harm: ``pocock``, ``obrien_fleming`` or ``hsd``.
     :param promotion_spending: spending for the non-inferiority tests (default O'Brien-Fleming-type).
     :param hsd_gamma: the Hwang-Shih-DeCani parameter when a spending is ``hsd``.
-    :param min_clusters: fewest minute clusters per arm before a metric is tested at all.
+    :param min_clusters: fewest time clusters per arm before a metric is tested at all (summed over steps).
+    :param cluster_seconds: width of a time cluster in seconds. The cluster-robust variance treats each
+        (arm, step, cluster) cell as one cluster, aligned to the epoch (cluster id = epoch seconds // width).
+        60 (one per minute) suits holds of minutes to hours; high traffic or holds of seconds need a shorter
+        width, or every step must hold ``min_clusters`` minutes before anything is tested, and with G clusters
+        a cell has only G - 1 degrees of freedom. It must divide 3600, so clusters line up with whole minutes
+        and hours (the decision record and the log then agree on where a cluster starts) and one hour is a
+        whole number of clusters.
     :param min_samples: fewest observations per arm before a metric is tested at all.
     :param expected_canary_share: expected canary share per step index (percent / 100) for SRM; when
         empty the judge takes the ``percent`` recorded with the observations.
@@ -119,6 +126,7 @@ class Policy:
     promotion_spending: str = "obrien_fleming"
     hsd_gamma: float = -2.0
     min_clusters: int = 3
+    cluster_seconds: int = 60
     min_samples: int = 30
     expected_canary_share: tuple[float, ...] = field(default_factory=tuple)
 
@@ -139,6 +147,16 @@ class Policy:
         _check(self.planned_canary_samples is None or self.planned_canary_samples > 0,
                "policy.planned_canary_samples", self.planned_canary_samples, "use a positive count or null")
         _check(self.min_clusters >= 2, "policy.min_clusters", self.min_clusters, "use at least 2 clusters")
+        w = self.cluster_seconds
+        _check(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 3600 and 3600 % w == 0,
+               "policy.cluster_seconds", w,
+               "use a whole number of seconds that divides 3600, e.g. 1, 5, 10, 15, 30, 60 (the default) or 300")
+
+    @property
+    def cluster_label(self) -> str:
+        """The cluster width in words, for notes and records: ``"1-minute"``, ``"10-second"``."""
+        w = self.cluster_seconds
+        return f"{w // 60}-minute" if w % 60 == 0 else f"{w}-second"
 
     def metric(self, name: str) -> MetricPolicy:
         """The metric policy called ``name`` (KeyError naming the known metrics otherwise)."""

@@ -3,14 +3,15 @@
 Every function takes a SQLAlchemy ``Connection`` or ``Engine`` (the Airflow ``PredictionLogHook`` gives an
 engine via ``get_sqlalchemy_engine()``) and reads the Contract 2 tables ``predictions`` and ``feedback``.
 SQL is parameterized (values are bound, never formatted in); identifiers are fixed. The same queries run on
-SQLite and PostgreSQL and give identical numbers: only the minute-bucket expression differs by dialect.
+SQLite and PostgreSQL and give identical numbers: only the time-cluster expression differs by dialect.
 
 ``windows`` are ``[(step_index, percent, start_ts, end_ts), ...]`` from the recorded ``step_started_at``
 and ``look_at`` (naive UTC datetimes): a row belongs to a step when ``start <= ts < end``.
 
-Rows are never all loaded: :func:`look_stats` returns one row per (arm, step, minute) with counts, sums
-and sums of squares per metric; :func:`sample_rows` returns at most ``limit`` rows (random order, drawn by
-the database) for data quality and drift.
+Rows are never all loaded: :func:`look_stats` returns one row per (arm, step, time cluster) with counts,
+sums and sums of squares per metric (clusters are ``policy.cluster_seconds`` wide, aligned to the epoch:
+cluster id = epoch seconds // width, so width 60 gives the epoch minutes); :func:`sample_rows` returns at
+most ``limit`` rows (random order, drawn by the database) for data quality and drift.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import re
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -40,22 +42,33 @@ def _connect(bind: Any):
         yield bind
 
 
-def _minute(dialect: str, col: str = "p.ts") -> str:
-    """Minute bucket: ``date_trunc('minute', ts)`` (PostgreSQL) or the ISO text up to the minute (SQLite);
-    both are turned into epoch minutes in Python (cheaper than arithmetic per row), the same integers."""
+def _bucket(dialect: str, width: int = 60, col: str = "p.ts") -> str:
+    """SQL of the time cluster of ``col`` (see :func:`_bucket_int` for the integer id it becomes).
+
+    Width 60 keeps the cheap per-row expressions: ``date_trunc('minute', ts)`` (PostgreSQL) or the ISO text
+    up to the minute (SQLite), turned into epoch minutes in Python. Other widths compute ``epoch seconds //
+    width`` in the database, with the width bound as ``:cw``: PostgreSQL ``floor(extract(epoch from ts) /
+    :cw)`` (``extract`` is exact numeric since PostgreSQL 14); SQLite ``strftime('%s', ...)`` on the text cut
+    to whole seconds, because on the full text it rounds to milliseconds first (``...:09.999999`` would
+    become second 10 and land in the next cluster, unlike the cell ranges on the text).
+    """
     if dialect == "postgresql":
-        return f"date_trunc('minute', {col})"
+        return f"date_trunc('minute', {col})" if width == 60 else \
+            f"CAST(floor(extract(epoch from {col}) / :cw) AS bigint)"
     if dialect == "sqlite":
-        return f"substr({col}, 1, 16)"
+        return f"substr({col}, 1, 16)" if width == 60 else \
+            f"(CAST(strftime('%s', substr({col}, 1, 19)) AS INTEGER) / :cw)"
     raise ValueError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
 
 
-def _minute_int(v: Any) -> int:
-    if isinstance(v, int | float):
+def _bucket_int(v: Any, width: int = 60) -> int:
+    """The cluster id ``epoch seconds // width`` of a :func:`_bucket` value or a datetime (for width 60 the
+    epoch minute, the ids the look always had)."""
+    if isinstance(v, int | float | Decimal):
         return int(v)
     if isinstance(v, datetime):
-        return int((v.replace(tzinfo=None) - _EPOCH).total_seconds() // 60)
-    return int((datetime.fromisoformat(str(v)) - _EPOCH).total_seconds() // 60)
+        return (v.replace(tzinfo=None) - _EPOCH) // timedelta(seconds=width)
+    return (datetime.fromisoformat(str(v)) - _EPOCH) // timedelta(seconds=width)
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -197,41 +210,45 @@ def _row_value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any]
     return f"CASE WHEN {elig} AND p.label_ts <= :look_at THEN {value} END", _bool(dialect, elig)
 
 
-def _cell_grid(windows: list[Window], cuts: tuple[datetime, ...] = ()
+def _cell_grid(windows: list[Window], cuts: tuple[datetime, ...] = (), width: int = 60
                ) -> tuple[list[datetime], list[tuple[int, int] | None]]:
-    """Time points cutting the windows at every minute, window edge and time in ``cuts``, and for each
-    interval ``[points[j], points[j + 1])`` its ``(step, minute)`` or None (between windows). A time in
-    several windows belongs to the first (as the step CASE does)."""
+    """Time points cutting the windows at every cluster boundary (every multiple of ``width`` seconds since
+    the epoch), window edge and time in ``cuts``, and for each interval ``[points[j], points[j + 1])`` its
+    ``(step, cluster id)`` or None (between windows). A time in several windows belongs to the first (as
+    the step CASE does)."""
+    size = timedelta(seconds=width)
     points = {c for c in cuts if any(w[2] < c < w[3] for w in windows)}
     for _step, _pct, start, end in windows:
         points.update((start, end))
-        t = start.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        t = _EPOCH + ((start - _EPOCH) // size + 1) * size
         while t < end:
             points.add(t)
-            t += timedelta(minutes=1)
+            t += size
     pts = sorted(points)
     cells: list[tuple[int, int] | None] = []
     for lo, hi in zip(pts, pts[1:], strict=False):
         step = next((w[0] for w in windows if w[2] <= lo and hi <= w[3]), None)
-        cells.append(None if step is None else (step, _minute_int(lo)))
+        cells.append(None if step is None else (step, _bucket_int(lo, width)))
     return pts, cells
 
 
-def _cells(windows: list[Window], cuts: tuple[datetime, ...] = ()) -> list[tuple[int, int, datetime, datetime]]:
-    """``(step, minute, lo, hi)`` of every interval of :func:`_cell_grid` inside a window."""
-    pts, cells = _cell_grid(windows, cuts)
+def _cells(windows: list[Window], cuts: tuple[datetime, ...] = (), width: int = 60
+           ) -> list[tuple[int, int, datetime, datetime]]:
+    """``(step, cluster, lo, hi)`` of every interval of :func:`_cell_grid` inside a window."""
+    pts, cells = _cell_grid(windows, cuts, width)
     return [(c[0], c[1], pts[j], pts[j + 1]) for j, c in enumerate(cells) if c is not None]
 
 
 def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window], policy: Policy,
                        look_at: datetime, thresholds: dict[str, float], with_units: bool
                        ) -> tuple[list[tuple], dict[tuple[str, int], int] | None]:
-    """One scan: rows (arm, step, minute, requests, per metric n/s1/s2 [+ eligible]) and, when the
+    """One scan: rows (arm, step, cluster, requests, per metric n/s1/s2 [+ eligible]) and, when the
     ``unit_first`` flag is set on every row with a unit id, distinct units per (arm, step).
 
-    The windows are cut into cells at every minute, window edge and label eligibility time (``look_at -
-    label_delay``), so a cell is wholly old enough for a label metric or wholly not; label counts of cells
-    that are not are set to zero here, and no per-row time test is needed.
+    The windows are cut into cells at every cluster boundary (``policy.cluster_seconds``), window edge and
+    label eligibility time (``look_at - label_delay``), so a cell is wholly old enough for a label metric or
+    wholly not; label counts of cells that are not are set to zero here, and no per-row time test is needed.
+    The cluster of a cell is known from its bounds, so no per-row time expression is computed either.
     """
     params: dict[str, Any] = {"model": model, "look_at": look_at}
     dts = ["look_at"]
@@ -254,8 +271,8 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
         aggs.append("COUNT(CASE WHEN p.label_ts > :look_at THEN 1 END)")
     if with_units:
         aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
-    pts, cells = _cell_grid(windows, tuple(elig_at.values()))
-    raw: list[tuple] = []  # (arm, step, minute, lo, aggregates...)
+    pts, cells = _cell_grid(windows, tuple(elig_at.values()), policy.cluster_seconds)
+    raw: list[tuple] = []  # (arm, step, cluster, lo, aggregates...)
     if dialect == "postgresql":  # one parallel aggregate; the cell is a binary search over the cut points
         params["cuts"] = pts
         sql = (f"SELECT p.arm, width_bucket(p.ts, CAST(:cuts AS timestamp[])) AS cell, {', '.join(aggs)} "
@@ -312,7 +329,7 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
 
 
 def _merge(rows: list[list]) -> list[list]:
-    """Sum rows of the same (arm, step, minute) (a minute cut at a label eligibility time)."""
+    """Sum rows of the same (arm, step, cluster) (a cluster cut at a label eligibility time)."""
     out: dict[tuple[Any, Any, Any], list] = {}
     for r in rows:
         key = (r[0], r[1], r[2])
@@ -330,6 +347,7 @@ def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window],
     """Add the label metrics of rows whose kept label arrived after the look time: their label is the latest
     one received by the look (from the ``feedback`` history, only for requests with feedback after it)."""
     params = dict(params)
+    width = params["cw"] = policy.cluster_seconds
     step_case, where_win, wnames = _windows_sql(windows, params)
     aggs, pos = [], []
     col = 4
@@ -345,7 +363,7 @@ def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window],
            "by_look AS (SELECT f.request_id, f.label, ROW_NUMBER() OVER (PARTITION BY f.request_id "
            "ORDER BY f.ts DESC, f.label DESC) AS rn FROM feedback f WHERE f.ts <= :look_at "
            "AND f.request_id IN (SELECT request_id FROM late)) "
-           f"SELECT p.arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(aggs)} "
+           f"SELECT p.arm, {step_case} AS step, {_bucket(dialect, width)} AS cluster, {', '.join(aggs)} "
            "FROM predictions p LEFT JOIN by_look lf ON lf.request_id = p.request_id AND lf.rn = 1 "
            "WHERE p.request_id IN (SELECT request_id FROM late) AND p.label_ts > :look_at AND p.model = :model "
            f"AND p.arm IN ('stable', 'canary') AND {where_win} GROUP BY 1, 2, 3")
@@ -353,7 +371,7 @@ def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window],
     for r in _run(conn, sql, params, dts + wnames):
         if r[1] is None:
             continue
-        target = index[(r[0], int(r[1]), _minute_int(r[2]))]
+        target = index[(r[0], int(r[1]), _bucket_int(r[2], width))]
         for j, c in enumerate(pos):
             for d in range(3):
                 target[c + d] = (target[c + d] or 0) + (r[3 + 3 * j + d] or 0)
@@ -374,7 +392,8 @@ def _rows_joined(conn: Any, dialect: str, model: str, windows: list[Window], pol
                  look_at: datetime, thresholds: dict[str, float]) -> list[tuple]:
     """Rows as :func:`_rows_denormalized`, for logs without the label columns: label metrics join the
     latest feedback received by the look time (an anti-join per request; slower at scale)."""
-    params: dict[str, Any] = {"model": model, "look_at": look_at}
+    width = policy.cluster_seconds
+    params: dict[str, Any] = {"model": model, "look_at": look_at, "cw": width}
     dts = ["look_at"]
     step_case, where_win, wnames = _windows_sql(windows, params)
     dts += wnames
@@ -395,17 +414,18 @@ def _rows_joined(conn: Any, dialect: str, model: str, windows: list[Window], pol
         join = ("LEFT JOIN feedback f ON f.request_id = p.request_id AND f.ts <= :look_at AND NOT EXISTS "
                 "(SELECT 1 FROM feedback f2 WHERE f2.request_id = f.request_id AND f2.ts <= :look_at "
                 "AND (f2.ts > f.ts OR (f2.ts = f.ts AND f2.label > f.label)))")
-    sql = (f"SELECT arm, step, minute, COUNT(*), {', '.join(aggs)} FROM ("
-           f"SELECT p.arm AS arm, {step_case} AS step, {_minute(dialect)} AS minute, {', '.join(cols)} "
+    sql = (f"SELECT arm, step, cluster, COUNT(*), {', '.join(aggs)} FROM ("
+           f"SELECT p.arm AS arm, {step_case} AS step, {_bucket(dialect, width)} AS cluster, {', '.join(cols)} "
            f"FROM predictions p {join} WHERE p.model = :model AND p.arm IN ('stable', 'canary') "
-           f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY minute, step, arm")
-    return [(r[0], r[1], _minute_int(r[2]), *r[3:]) for r in _run(conn, sql, params, dts)]
+           f"AND {where_win}) x WHERE step IS NOT NULL GROUP BY cluster, step, arm")
+    return [(r[0], r[1], _bucket_int(r[2], width), *r[3:]) for r in _run(conn, sql, params, dts)]
 
 
 def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, look_at: datetime,
                thresholds: dict[str, float] | None = None, count_units: bool = True,
                denormalized: bool | None = None) -> ArmStats:
-    """Sufficient statistics of every metric for one look, grouped in the database by arm, step, minute.
+    """Sufficient statistics of every metric for one look, grouped in the database by arm, step and time
+    cluster (``policy.cluster_seconds`` wide, aligned to the epoch; the id is epoch seconds // width).
 
     Label metrics use the latest label received by ``look_at`` and count only predictions older than
     ``look_at - label_delay`` (both arms alike); their eligible and labelled counts per arm feed the
@@ -415,7 +435,7 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
 
     When the gateway keeps the latest label on the prediction row (``label``, ``label_ts``) and flags each
     unit's first request per route (``unit_first``; Contract 2), everything comes from one scan of the
-    windows: on PostgreSQL one parallel hash aggregate, on SQLite one index range per minute. Otherwise
+    windows: on PostgreSQL one parallel hash aggregate, on SQLite one index range per cluster. Otherwise
     label metrics join ``feedback`` (latest label per request) and units are counted by a second
     ``COUNT(DISTINCT)`` scan; the numbers are the same. ``denormalized`` forces one way (None: detect).
     """
@@ -424,7 +444,7 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
     look_at = look_at.replace(tzinfo=None)
     with _connect(bind) as conn:
         dialect = conn.dialect.name
-        _minute(dialect)  # names an unsupported database before any query
+        _bucket(dialect)  # names an unsupported database before any query
         have = log_columns(conn) if denormalized is None else set()
         labels_on_row = denormalized if denormalized is not None else set(LABEL_COLUMNS) <= have
         flags_on_row = denormalized if denormalized is not None else UNIT_COLUMN in have

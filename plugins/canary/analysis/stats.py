@@ -1,9 +1,12 @@
-"""Sufficient statistics per (metric, arm, step, minute cluster) and the stratified two-arm comparison.
+"""Sufficient statistics per (metric, arm, step, time cluster) and the stratified two-arm comparison.
 
 Every number the judge tests comes from :func:`compare`: per step and arm the mean and a variance that is
-robust to per-minute noise independent between arms (cluster-robust "CR1" variance over minute clusters,
-never below the per-request variance), combined over steps with Cochran-Mantel-Haenszel weights
-(``n_canary * n_stable / (n_canary + n_stable)`` per step; they do not depend on the outcomes). Combining
+robust to noise over time that is independent between arms (cluster-robust "CR1" variance over time
+clusters of ``policy.cluster_seconds``, one minute by default, never below the per-request variance),
+combined over steps with Cochran-Mantel-Haenszel weights (``n_canary * n_stable / (n_canary + n_stable)``
+per step; they do not depend on the outcomes). A (step, arm) cell with G clusters gets G - 1 degrees of
+freedom when its cluster variance is used, so a shorter width gives more clusters and narrower boundaries,
+as long as the noise it must absorb (replica load, traffic mix) varies on a longer scale than the width. Combining
 within steps means a ramping canary share plus a base rate that drifts over the day cannot create a
 difference. Degrees of freedom follow Welch-Satterthwaite over the (step, arm) cells, and the t statistic is
 mapped to the z scale (same tail probability) so group-sequential boundaries apply unchanged.
@@ -29,7 +32,8 @@ class MetricCells:
 
     :param canary: True for the canary arm, False for stable.
     :param step: step index (0-based) of the cell.
-    :param cluster: minute bucket (any integer id; unique per arm and step).
+    :param cluster: time cluster id (any integer; the SQL and :meth:`ArmStats.from_frame` use epoch seconds
+        // ``policy.cluster_seconds``).
     :param n: observations in the cell; :param s1: their sum; :param s2: their sum of squares.
     """
 
@@ -74,7 +78,7 @@ class ArmStats:
         """Aggregate per-request observations (Contract 3 DataFrame form).
 
         Columns: ``arm`` (stable/canary; other arms are ignored), ``step`` (int), ``ts`` (datetime, the
-        minute bucket is taken from it), one column per metric name (per-request value, NaN when not
+        time cluster is epoch seconds // ``policy.cluster_seconds``), one column per metric name (per-request value, NaN when not
         observable), optionally ``percent`` (canary percent of the step) and ``unit_id``. For a
         ``latency_threshold`` metric the column holds the latency in ms, or the 0/1 exceedance when its
         threshold is not numeric and not in ``thresholds``. Label metrics count only rows older than
@@ -88,9 +92,9 @@ class ArmStats:
             raise ValueError(f"observations lack columns {missing}: give one column per metric name plus "
                              "arm, step and ts (see Contract 3)")
         df = df[df["arm"].isin(ARMS)]
-        minute = pd.to_datetime(df["ts"]).astype("datetime64[s]").astype("int64") // 60
+        cluster = pd.to_datetime(df["ts"]).astype("datetime64[s]").astype("int64") // policy.cluster_seconds
         base = pd.DataFrame({"canary": (df["arm"] == "canary").to_numpy(), "step": df["step"].astype(int).to_numpy(),
-                             "cluster": minute.to_numpy()})
+                             "cluster": cluster.to_numpy()})
         thresholds = dict(thresholds or {})
         metrics: dict[str, MetricCells] = {}
         labels: dict[str, dict[str, Any]] = {}
