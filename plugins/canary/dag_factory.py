@@ -347,25 +347,29 @@ def _fail_safe(spec_path: str, **context: Any) -> None:
 
 
 class _FailSafeCallback:
-    """The DAG's ``on_failure_callback``: make traffic safe after a run timeout or a manual mark-failed.
+    """The DAG's ``on_failure_callback``: make traffic safe after a run timeout, or when the ``fail_safe``
+    task itself could not finish, and notify a failure nobody was told about.
 
-    Never raises (a callback that raises hides the original failure); errors are logged.
+    A callback is not a running task, so it hands :func:`canary.runtime.fail_safe` the run's id: the plan,
+    pre-flight's candidate and whether the ``rollback`` or ``fail_safe`` task already told the owners are
+    read from the run's XComs by id. The run's conf names a manual run's candidate for when no XCom can be
+    read. Never raises (a callback that raises hides
+    the original failure); errors are logged.
     """
 
     def __init__(self, spec_path: str) -> None:
         self.spec_path = spec_path
 
     def __call__(self, context: dict[str, Any]) -> None:
-        plan = None
+        run = None
         try:
-            ti = context.get("ti") or context.get("task_instance")
-            plan = ti.xcom_pull(task_ids="validate") if ti is not None else None
-        except Exception as exc:  # the fail-safe still works from the spec file alone
-            log.warning("fail-safe callback could not read the plan from XCom (%s); using %s", exc, self.spec_path)
-            plan = None
-        # Callbacks cannot always read XCom; the run's conf names the candidate of a manual run, so the
-        # fail-safe can still take exactly this run's canary off the route (a scheduled run's candidate is
-        # only known to XCom: then the gateway's lease returns traffic to stable).
+            dag_run = context.get("dag_run")
+            dag = context.get("dag")
+            dag_id = getattr(dag, "dag_id", None) or getattr(dag_run, "dag_id", None)
+            run_id = context.get("run_id") or getattr(dag_run, "run_id", None)
+            run = (str(dag_id), str(run_id)) if dag_id and run_id else None
+        except Exception as exc:
+            log.warning("fail-safe callback could not tell which run failed (%s)", exc)
         candidate = None
         try:
             conf = getattr(context.get("dag_run"), "conf", None) or {}
@@ -373,8 +377,8 @@ class _FailSafeCallback:
         except Exception as exc:
             log.warning("fail-safe callback could not read the run's conf (%s)", exc)
         try:
-            runtime.fail_safe(plan, self.spec_path, str(context.get("reason") or "the run failed"),
-                              candidate=candidate)
+            runtime.fail_safe(None, self.spec_path, str(context.get("reason") or "the run failed"),
+                              candidate=candidate, run=run)
         except Exception:
             log.exception("fail-safe callback for %s could not make traffic safe", self.spec_path)
 

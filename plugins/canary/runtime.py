@@ -259,6 +259,49 @@ def _xcom(task_id: str, key: str = "return_value") -> Any:
         return None
 
 
+class XComUnreadable(RuntimeError):
+    """This process can read no XCom of the run (a DAG callback without Task SDK comms or metadata DB)."""
+
+
+def _run_xcom(run: tuple[str, str] | None, task_id: str, key: str = "return_value") -> Any:
+    """One XCom of a run, for code that is not a running task (the DAG's failure callback).
+
+    ``run`` is ``(dag_id, run_id)``; ``None`` reads through the running task's context (:func:`_xcom`). A
+    DAG callback has no running task: where Airflow runs it (the DAG processor) the Task SDK's supervisor
+    answers XCom reads by run id; ``dag.test()`` runs callbacks in its own process, which has no supervisor
+    but holds the metadata database, so that is read directly.
+
+    :returns: the value, or None when the task pushed nothing under ``key``.
+    :raises XComUnreadable: neither way works here; the caller must not take "unreadable" for "absent".
+    """
+    if run is None:
+        return _xcom(task_id, key)
+    dag_id, run_id = run
+    errors = []
+    try:
+        from airflow.sdk.bases.xcom import BaseXCom
+
+        return BaseXCom.get_one(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - no supervisor in this process: try the database
+        errors.append(f"Task SDK: {type(exc).__name__}: {exc}")
+    try:
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            row = session.scalars(
+                select(XComModel).where(
+                    XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
+                    XComModel.key == key, XComModel.map_index == -1,
+                )
+            ).first()
+            return None if row is None else XComModel.deserialize_value(row)
+    except Exception as exc:  # noqa: BLE001 - reported to the caller as unreadable
+        errors.append(f"metadata DB: {type(exc).__name__}: {exc}")
+    raise XComUnreadable(f"XCom {task_id}/{key} of {dag_id} {run_id} is unreadable here ({'; '.join(errors)})")
+
+
 def _push(key: str, value: Any) -> None:
     ctx = _context()
     if ctx is not None:
@@ -1341,63 +1384,105 @@ def _plan_or_spec(plan: dict[str, Any] | None, spec_path: str | None) -> dict[st
         return None
 
 
+def _touched(read: Any, n_steps: int) -> bool:
+    """Whether this run's ``set_traffic`` tasks moved traffic: each records its intent before it writes the
+    route, so no intent means no traffic moved by this run."""
+    return any(read(f"step_{i}.set_traffic") or read(f"step_{i}.set_traffic", "intent")
+               for i in range(1, n_steps + 1))
+
+
 def fail_safe(
     plan: dict[str, Any] | None,
     spec_path: str | None = None,
     reason: str | None = None,
     candidate: str | None = None,
+    *,
+    run: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Make traffic safe after any failure: canary share to 0 % when the gateway answers (idempotent).
+    """Make traffic safe after any failure (canary share to 0 % when the gateway answers) and tell the owners
+    once.
 
-    Runs as the ``fail_safe`` task (trigger rule ``one_failed``) and from the DAG's ``on_failure_callback``.
-    ``plan`` is ``None`` when ``validate`` itself failed (then no traffic was moved by this run, but the
-    spec at ``spec_path`` still names the model and the router connection).
+    Runs as the ``fail_safe`` task (trigger rule ``one_failed``) and from the DAG's ``on_failure_callback``
+    (run timeout, a fail-safe task that could not finish), which passes ``run=(dag_id, run_id)`` because a
+    callback is not a running task: the run's XComs are then read by run id (:func:`_run_xcom`). ``plan``
+    is ``None`` when ``validate`` failed or a callback could not read it; the spec at ``spec_path`` still
+    names the model, the router connection and the notification channels.
 
-    Only the canary this run put on the route is taken off: a run refused in pre-flight (another rollout is
-    active) never set traffic, so it leaves the other rollout's route alone.
+    Only this run's canary is taken off: the candidate is pre-flight's (XCom), the plan's, or ``candidate``
+    (the callback reads a manual run's from its conf), and a route that carries another version is left
+    alone; a run that never set traffic (refused in pre-flight, a bad spec) leaves the route as it is.
 
-    :param candidate: the run's candidate when the caller knows it without XCom (the DAG's failure
-        callback reads it from the run's conf); the canary is only taken off when it is this version.
-    :returns: ``{"route": <route after the change or None>, "reached_gateway": bool, "reason"}``.
+    Notifications, one per outcome: a run that rolled back was notified by :func:`rollback` (event
+    ``rollback``, with the verdict's reason), so its fail-safe sends nothing; any other failure is sent as
+    ``failure`` with what happened to traffic. The callback sends nothing when the ``fail_safe`` task
+    already ran (its XCom): a crashed run is notified once. A callback that can read no XCom at all does
+    notify (a second message is better than none after a run timeout).
+
+    :returns: ``{"route": <route after, or None>, "reached_gateway", "changed", "reason", "notified":
+        "failure" or None, "notifications"}``; also pushed as XCom ``fail_safe`` when run as a task.
     """
     from canary.hooks.errors import GatewayError
 
     reason = reason or "a task of the run failed"
+    # Outside a task and without a run id (a test calling this directly) there are no XComs to consult.
+    readable = run is not None or _context() is not None
+    pre: dict[str, Any] = {}
+    rolled = done = None
+    touched = True
+
+    def read(task_id: str, key: str = "return_value") -> Any:
+        return _run_xcom(run, task_id, key)
+
+    if readable:
+        try:
+            if plan is None and run is not None:
+                plan = read("validate")
+            pre = read("preflight") or {}
+            rolled = read("rollback", "rollback")
+            done = read("fail_safe", "fail_safe") if run is not None else None
+            if plan is not None:
+                touched = _touched(read, len(_spec(plan).get("steps") or []))
+        except XComUnreadable as exc:
+            _log("fail-safe: %s; going by the run's conf and the spec only", exc)
+            readable, pre, rolled, done, touched = False, {}, None, None, True
     plan = _plan_or_spec(plan, spec_path)
-    if plan is None:
-        out = {"route": None, "reached_gateway": False, "changed": False,
-               "reason": f"{reason}; no plan and no readable spec: this run moved no traffic"}
-        _push("fail_safe", out)
-        return out
-    pre = _xcom("preflight") or {}
-    candidate = pre.get("candidate") or plan.get("candidate") or candidate
-    if _context() is not None:
-        n = len(_spec(plan).get("steps") or [])
-        # set_traffic records its intent before it writes the route: no intent, no traffic moved by this run.
-        touched = any(_xcom(f"step_{i}.set_traffic") or _xcom(f"step_{i}.set_traffic", key="intent")
-                      for i in range(1, n + 1))
-        if not touched:
-            out = {"route": None, "reached_gateway": False, "changed": False,
-                   "reason": f"{reason}; this run never set traffic, the route is left as it is"}
-            _log("fail-safe: %s", out["reason"])
+    # Already told: the rollback (its own event) or the fail_safe task before this callback.
+    tell = not rolled and not done
+
+    def finish(out: dict[str, Any]) -> dict[str, Any]:
+        out["notified"] = None
+        out["notifications"] = []
+        if tell and plan is not None:
+            out["notified"] = "failure"
+            out["notifications"] = _notify(plan, "failure", _payload(plan, pre, "fail_safe", out["reason"]))
+        elif rolled:
+            _log("fail-safe: the run rolled back and was notified as a rollback; no failure notification")
+        elif done:
+            _log("fail-safe: the fail_safe task already made traffic safe and notified; not again")
+        if run is None:
             _push("fail_safe", out)
-            return out
-    if not candidate:
-        out = {"route": None, "reached_gateway": False, "changed": False,
-               "reason": f"{reason}; no candidate was chosen, so this run moved no traffic"}
-        _push("fail_safe", out)
         return out
+
+    if plan is None:
+        return finish({"route": None, "reached_gateway": False, "changed": False,
+                       "reason": f"{reason}; no plan and no readable spec: this run moved no traffic"})
+    candidate = pre.get("candidate") or plan.get("candidate") or candidate
+    if not touched:
+        out = {"route": None, "reached_gateway": False, "changed": False,
+               "reason": f"{reason}; this run never set traffic, the route is left as it is"}
+        _log("fail-safe: %s", out["reason"])
+        return finish(out)
+    if not candidate:
+        return finish({"route": None, "reached_gateway": False, "changed": False,
+                       "reason": f"{reason}; no candidate is known, so the route is left to the gateway's "
+                                 "lease (it returns traffic to stable when this run stops renewing it)"})
     try:
         route, changed = _to_zero(plan, candidate, "fail-safe")
     except GatewayError as exc:
         out = {"route": None, "reached_gateway": False, "changed": False,
                "reason": f"{reason}; the gateway did not answer ({exc}): its lease returns traffic to stable"}
         _log("fail-safe: %s", out["reason"])
-        _push("fail_safe", out)
-        return out
+        return finish(out)
     out = {"route": route, "reached_gateway": True, "changed": changed, "reason": reason}
-    _log("fail-safe: %s; route %s", "canary set to 0 %" if changed else "route already safe", route)
-    _notify(plan, "failure", _payload(plan, pre, "fail_safe", reason))
-    _push("fail_safe", out)
-    return out
-
+    _log("fail-safe: %s; route %s", "canary set to 0 %" if changed else "route left as it is", route)
+    return finish(out)

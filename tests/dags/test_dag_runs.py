@@ -45,6 +45,7 @@ class Recorder:
         self.rollback_verdict: dict[str, Any] | None = None
         self.fail_safe_calls: list[tuple[Any, Any]] = []  # (plan, reason): the task, then the DAG callback
         self.fail_safe_candidates: list[Any] = []
+        self.fail_safe_runs: list[Any] = []  # None for the task; (dag_id, run_id) for the DAG callback
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         rec = self
@@ -62,10 +63,12 @@ class Recorder:
             rec.rollback_verdict = verdict
             raise AirflowFailException(f"rolled back: {verdict['reason']}")
 
-        def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None, candidate: Any = None) -> dict[str, Any]:
+        def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None, candidate: Any = None, *,
+                      run: Any = None, generations: Any = None) -> dict[str, Any]:
             rec.calls.append("fail_safe")
             rec.fail_safe_calls.append((plan, reason))
             rec.fail_safe_candidates.append(candidate)
+            rec.fail_safe_runs.append(run)
             return {"route": None, "reached_gateway": True, "reason": reason}
 
         mp.setattr(runtime, "preflight", preflight)
@@ -122,6 +125,10 @@ def test_rollback_at_the_first_step_fails_the_run_and_runs_the_fail_safe(
     assert task_plan["candidate"] == "v2" and "rollback" in task_reason
     assert callback_reason == "task_failure", "the DAG's on_failure_callback makes traffic safe too"
     assert rec.fail_safe_candidates[-1] == "v2", "the callback names this run's candidate (from the run's conf)"
+    task_run, callback_run = rec.fail_safe_runs
+    assert task_run is None and callback_run[0] == "canary_rollout__wire" and callback_run[1].startswith("manual__"), (
+        "the callback names the run, so the fail-safe reads its XComs (candidate, generations) by run id"
+    )
     assert states["report"] == "success"
 
 

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,13 @@ def airflow_db() -> str:
     return home
 
 
-def write_e2e_spec(folder: Path, drop_metrics: tuple[str, ...] = ()) -> Path:
-    """The fraud spec with the e2e timings in ``folder`` (optionally without some metrics)."""
+def write_e2e_spec(folder: Path, drop_metrics: tuple[str, ...] = (), **changes: Any) -> Path:
+    """The fraud spec with the e2e timings in ``folder`` (optionally without some metrics, and with top-level
+    ``changes`` such as ``schedule`` or ``notifications``)."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load((REPO / "include" / "rollouts" / "fraud.yaml").read_text())
     spec["metrics"] = [m for m in spec["metrics"] if m["name"] not in drop_metrics]
+    spec.update(changes)
     t = E2E_TIMINGS
     spec["steps"] = list(t["steps"])
     spec["hold"] = dict(t["hold"])
@@ -168,6 +171,48 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(15)
+
+
+# ------------------------------------------------------------------------------------------ webhook
+
+
+class _WebhookRecorder(BaseHTTPRequestHandler):
+    """A real HTTP webhook on loopback: records every POST's JSON body and answers 200."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.received.append(json.loads(body or b"null"))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A webhook receiver and its Airflow connection ``canary_e2e_webhook``; ``.received`` holds the bodies."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _WebhookRecorder)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="e2e-webhook")
+    thread.start()
+    monkeypatch.setenv("AIRFLOW_CONN_CANARY_E2E_WEBHOOK", json.dumps({
+        "conn_type": "http", "host": "127.0.0.1", "port": server.server_port, "schema": "http",
+        "extra": {"endpoint": "/canary", "timeout": 5, "retries": 1},
+    }))
+    server.conn_id = "canary_e2e_webhook"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def webhook_rollouts(tmp_path: Path, webhook: Any) -> Path:
+    """A rollouts folder with the e2e fraud spec notifying ``webhook``, on a schedule (so a run's candidate may
+    be left to pre-flight, as a scheduled run's is)."""
+    return write_e2e_spec(tmp_path / "webhook_rollouts", schedule="@daily",
+                          notifications={"webhook_conn_id": webhook.conn_id, "email": []})
 
 
 # ------------------------------------------------------------------------------------------ the stack
