@@ -351,9 +351,9 @@ class _FailSafeCallback:
     task itself could not finish, and notify a failure nobody was told about.
 
     A callback is not a running task, so it hands :func:`canary.runtime.fail_safe` the run's id: the plan,
-    pre-flight's candidate and whether the ``rollback`` or ``fail_safe`` task already told the owners are
-    read from the run's XComs by id. The run's conf names a manual run's candidate for when no XCom can be
-    read. Never raises (a callback that raises hides
+    pre-flight's candidate (a scheduled run's is only known there) and the route generations this run
+    wrote are read from the run's XComs by id, and only a route this run wrote is touched. The run's conf
+    names a manual run's candidate for when no XCom can be read. Never raises (a callback that raises hides
     the original failure); errors are logged.
     """
 

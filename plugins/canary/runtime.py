@@ -1157,9 +1157,12 @@ def root_cause_text(rc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _to_zero(plan: dict[str, Any], candidate: str | None, why: str) -> tuple[dict[str, Any] | None, bool]:
+def _to_zero(plan: dict[str, Any], candidate: str | None, why: str,
+             generations: dict[int, float | None] | None = None) -> tuple[dict[str, Any] | None, bool]:
     """Canary share to 0 % (canary cleared) when the route's canary is ``candidate``; compare-and-set.
 
+    :param generations: when given, the route generations this run wrote (with the share it wrote, or
+        None): a route at any other generation, or at one of them with another share, is not this run's.
     :returns: ``(route after, changed)``. A route whose canary is some other version is left alone.
     """
     from canary.hooks.errors import RouteConflictError
@@ -1172,6 +1175,14 @@ def _to_zero(plan: dict[str, Any], candidate: str | None, why: str) -> tuple[dic
             return route.to_dict(), False
         if candidate and route.canary and route.canary != candidate:
             _log("route of %s carries canary %s, not this run's %s: left alone", model, route.canary, candidate)
+            return route.to_dict(), False
+        if generations is not None and (
+            route.generation not in generations
+            or generations[route.generation] not in (None, route.canary_percent)
+        ):
+            _log("route of %s is at generation %s (%s at %g%%), which this run did not write (it wrote %s): "
+                 "left alone", model, route.generation, route.canary, route.canary_percent,
+                 sorted(generations) or "nothing")
             return route.to_dict(), False
         try:
             after = router.set_route(model, stable=route.stable, canary=None, canary_percent=0, mode="split",
@@ -1384,11 +1395,24 @@ def _plan_or_spec(plan: dict[str, Any] | None, spec_path: str | None) -> dict[st
         return None
 
 
-def _touched(read: Any, n_steps: int) -> bool:
-    """Whether this run's ``set_traffic`` tasks moved traffic: each records its intent before it writes the
-    route, so no intent means no traffic moved by this run."""
-    return any(read(f"step_{i}.set_traffic") or read(f"step_{i}.set_traffic", "intent")
-               for i in range(1, n_steps + 1))
+def _written_routes(read: Any, n_steps: int) -> tuple[bool, dict[int, float | None]]:
+    """What this run's ``set_traffic`` tasks wrote: ``(touched, {generation: canary percent})``.
+
+    ``set_traffic`` records its intent (expected generation and target) before it writes the route, and the
+    route after the change as its return value; a write that succeeded and then lost its XCom is still
+    known from the intent (the gateway gives it generation ``expected + 1``).
+    """
+    touched, written = False, {}
+    for i in range(1, n_steps + 1):
+        intent = read(f"step_{i}.set_traffic", "intent")
+        if intent:
+            touched = True
+            written.setdefault(int(intent["expected_generation"]) + 1, intent.get("canary_percent"))
+        done = read(f"step_{i}.set_traffic")
+        if done and (done.get("route") or {}).get("generation") is not None:
+            touched = True
+            written[int(done["route"]["generation"])] = done["route"].get("canary_percent")
+    return touched, written
 
 
 def fail_safe(
@@ -1398,6 +1422,7 @@ def fail_safe(
     candidate: str | None = None,
     *,
     run: tuple[str, str] | None = None,
+    generations: dict[int, float | None] | None = None,
 ) -> dict[str, Any]:
     """Make traffic safe after any failure (canary share to 0 % when the gateway answers) and tell the owners
     once.
@@ -1408,9 +1433,14 @@ def fail_safe(
     is ``None`` when ``validate`` failed or a callback could not read it; the spec at ``spec_path`` still
     names the model, the router connection and the notification channels.
 
-    Only this run's canary is taken off: the candidate is pre-flight's (XCom), the plan's, or ``candidate``
-    (the callback reads a manual run's from its conf), and a route that carries another version is left
-    alone; a run that never set traffic (refused in pre-flight, a bad spec) leaves the route as it is.
+    Exactly this run's canary is taken off, never another run's or a person's:
+
+    - the candidate is pre-flight's (XCom), the plan's, or ``candidate`` (the callback reads a manual run's
+      from its conf): the route is left alone when it carries another version;
+    - when the run's XComs are readable, the route must also be at a generation this run's ``set_traffic``
+      wrote (with the share it wrote). A route that moved since (a lease expiry and another rollout of the
+      same version, a person) is left alone; a run that never set traffic (refused in pre-flight, a bad
+      spec) leaves the route as it is. ``generations`` adds generations the caller knows.
 
     Notifications, one per outcome: a run that rolled back was notified by :func:`rollback` (event
     ``rollback``, with the verdict's reason), so its fail-safe sends nothing; any other failure is sent as
@@ -1428,7 +1458,7 @@ def fail_safe(
     readable = run is not None or _context() is not None
     pre: dict[str, Any] = {}
     rolled = done = None
-    touched = True
+    touched, written = True, {}
 
     def read(task_id: str, key: str = "return_value") -> Any:
         return _run_xcom(run, task_id, key)
@@ -1441,10 +1471,10 @@ def fail_safe(
             rolled = read("rollback", "rollback")
             done = read("fail_safe", "fail_safe") if run is not None else None
             if plan is not None:
-                touched = _touched(read, len(_spec(plan).get("steps") or []))
+                touched, written = _written_routes(read, len(_spec(plan).get("steps") or []))
         except XComUnreadable as exc:
             _log("fail-safe: %s; going by the run's conf and the spec only", exc)
-            readable, pre, rolled, done, touched = False, {}, None, None, True
+            readable, pre, rolled, done, touched, written = False, {}, None, None, True, {}
     plan = _plan_or_spec(plan, spec_path)
     # Already told: the rollback (its own event) or the fail_safe task before this callback.
     tell = not rolled and not done
@@ -1476,8 +1506,11 @@ def fail_safe(
         return finish({"route": None, "reached_gateway": False, "changed": False,
                        "reason": f"{reason}; no candidate is known, so the route is left to the gateway's "
                                  "lease (it returns traffic to stable when this run stops renewing it)"})
+    mine = None
+    if readable or generations:
+        mine = {**written, **(generations or {})}
     try:
-        route, changed = _to_zero(plan, candidate, "fail-safe")
+        route, changed = _to_zero(plan, candidate, "fail-safe", generations=mine)
     except GatewayError as exc:
         out = {"route": None, "reached_gateway": False, "changed": False,
                "reason": f"{reason}; the gateway did not answer ({exc}): its lease returns traffic to stable"}
