@@ -21,6 +21,9 @@ def test_demo_specs_are_the_real_specs_with_short_holds(tmp_path):
         demo, real = load_spec(path), load_spec(SPECS / path.name)
         assert demo.hold.min_duration <= 30 and demo.hold.poll_interval <= 5 and demo.post_deploy.window <= 30
         assert real.hold.min_duration > demo.hold.min_duration
+        # holds of seconds need clusters of seconds (a minute cluster could not be tested in a 20 s hold)
+        assert demo.clusters.width == 10 and demo.clusters.width < real.clusters.width
+        assert demo.policy().cluster_seconds == 10
         # everything that decides is the real spec's
         assert demo.metrics and [m.name for m in demo.metrics] == [m.name for m in real.metrics]
         assert [m.margin for m in demo.metrics] == [m.margin for m in real.metrics]
