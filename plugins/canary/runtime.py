@@ -48,6 +48,7 @@ __all__ = [
     "version_count",
     "circuit_breaker",
     "power_plan",
+    "baseline_required",
     "offline_gate",
     "root_cause",
     "worst_segments",
@@ -141,6 +142,22 @@ REFERENCE_WINDOW_S = 3600
 
 #: Most rows read for the baseline and for each side of a drift comparison when the spec does not say.
 BASELINE_SAMPLE = 20000
+
+#: Stable requests the reference window needs at least (capped by ``hold.min_samples``, see
+#: :func:`baseline_required`): stable's latency p95 (the ``baseline_p95`` threshold), the metrics' base rates
+#: and the power plan all come from them. Without them the run would move traffic and only fail at its first
+#: look, for want of a threshold.
+BASELINE_MIN_REQUESTS = 20
+
+
+def baseline_required(spec: dict[str, Any]) -> int:
+    """Stable requests pre-flight needs in the reference window: ``min(hold.min_samples, 20)``.
+
+    Tied to ``hold.min_samples`` so the trigger form's ``hold_min_samples`` can lower it for a model with
+    little traffic (a run that asks for few samples per look asks for few baseline requests too).
+    """
+    min_samples = int((spec.get("hold") or {}).get("min_samples", 500))
+    return max(1, min(min_samples, BASELINE_MIN_REQUESTS))
 
 
 @dataclass(frozen=True)
@@ -625,7 +642,8 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
     """Check the candidate before any traffic moves and record the baseline.
 
     Checks: the candidate exists and is loadable, candidate != stable, the offline eval gate, the route is
-    as expected (no canary share already), and computes the power plan.
+    as expected (no canary share already), stable served enough requests in the reference window for a
+    baseline (:func:`baseline_required`), and computes the power plan.
 
     :returns: ``{"stable", "candidate", "generation", "rollout_started_at", "baseline": {"latency_p95_ms",
         "base_rates": {metric: rate}, "reference_window": [start, end]}, "power_plan"}``.
@@ -688,6 +706,18 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
                     f"{gate_text}. Nothing was changed.")
     now = _now()
     baseline = _baseline(plan, stable, now)
+    required = baseline_required(spec)
+    if int(baseline["requests"] or 0) < required:
+        start, end = iso(now - timedelta(seconds=REFERENCE_WINDOW_S)), iso(now)
+        raise _fail(
+            f"pre-flight refused: stable {stable} of {model!r} served {baseline['requests']} request(s) in the "
+            f"reference window {start} .. {end} (the last {REFERENCE_WINDOW_S // 60} min); the rollout needs at "
+            f"least {required} to measure stable's baseline (the latency p95 a baseline_p95 threshold uses, each "
+            "metric's base rate, the power plan). Nothing was changed. Fix: send traffic to the model "
+            f"(POST /v1/models/{model}/predict) and trigger again once stable has served {required} requests, or "
+            f"lower the requirement: it is min(hold.min_samples, {BASELINE_MIN_REQUESTS}), so a smaller "
+            "hold_min_samples in the trigger form lowers it."
+        )
     pp = power_plan(spec, baseline)
     _log("%s", power_plan_text(model, stable, candidate, pp))
     if not pp["fits_deadline"]:

@@ -24,7 +24,44 @@ def make_plan(router_conn, set_conn, tmp_path):
     return make
 
 
-def test_scheduled_run_picks_the_newest_version_newer_than_stable_or_skips(make_plan, router_conn):
+def _predict(gateway, n, amount=40.0):
+    """``n`` real prediction requests to the gateway (all on stable while no canary share is set)."""
+    import requests
+
+    s = requests.Session()
+    for i in range(n):
+        feats = {"amount": amount + i % 7, "hour": 13.0, "account_age_days": 300.0, "tx_last_24h": 2.0,
+                 "merchant_risk": 0.2, "country": 1.0, "distance_km": 5.0}
+        s.post(f"{gateway.url}/v1/models/fraud/predict", json={"unit_id": f"u{i}", "features": feats},
+               timeout=10).raise_for_status()
+
+
+@pytest.fixture
+def stable_traffic(gateway):
+    """The baseline pre-flight needs: min(hold.min_samples, 20) = 20 stable requests within the last hour."""
+    _predict(gateway, runtime.BASELINE_MIN_REQUESTS)
+
+
+@pytest.mark.parametrize("sent", [0, runtime.BASELINE_MIN_REQUESTS - 1])
+def test_preflight_refuses_without_recent_stable_traffic_and_says_how_to_fix(make_plan, gateway, router_conn,
+                                                                              sent):
+    _predict(gateway, sent)
+    before = TrafficRouterHook(router_conn).get_route("fraud")
+    with pytest.raises(AirflowFailException) as info:
+        runtime.preflight(make_plan({"candidate": "v2"}))
+    message = str(info.value)
+    assert f"stable v1 of 'fraud' served {sent} request(s) in the reference window" in message
+    assert "(the last 60 min)" in message and "at least 20" in message
+    assert "send traffic to the model" in message and "hold_min_samples" in message
+    assert "Nothing was changed" in message
+    assert TrafficRouterHook(router_conn).get_route("fraud") == before
+    # The requirement follows hold.min_samples: a run asking for few samples per look asks for fewer.
+    if sent:
+        assert runtime.preflight(make_plan({"candidate": "v2", "hold_min_samples": sent}))["baseline"]["requests"] == sent
+        assert TrafficRouterHook(router_conn).get_route("fraud") == before
+
+
+def test_scheduled_run_picks_the_newest_version_newer_than_stable_or_skips(make_plan, router_conn, stable_traffic):
     hook = TrafficRouterHook(router_conn)
     versions = hook.list_versions("fraud")
     newest = max((v for v in versions if v["version"] != "v1"), key=lambda v: (v["created_at"], v["version"]))
@@ -50,7 +87,7 @@ def test_offline_gate_stops_a_clearly_worse_candidate_with_the_numbers(make_plan
     assert TrafficRouterHook(router_conn).get_route("fraud") == before
 
 
-def test_power_plan_that_cannot_meet_the_deadline_stops_before_traffic(make_plan, router_conn):
+def test_power_plan_that_cannot_meet_the_deadline_stops_before_traffic(make_plan, router_conn, stable_traffic):
     plan = make_plan({"candidate": "v2"}, deadline=60)  # holds of 10 min per step cannot finish in a minute
     before = TrafficRouterHook(router_conn).get_route("fraud")
     with pytest.raises(AirflowFailException, match="cannot finish within its deadline"):
@@ -58,7 +95,8 @@ def test_power_plan_that_cannot_meet_the_deadline_stops_before_traffic(make_plan
     assert TrafficRouterHook(router_conn).get_route("fraud") == before
 
 
-def test_set_traffic_is_absolute_retry_safe_and_stops_when_someone_else_moved_the_route(make_plan, router_conn):
+def test_set_traffic_is_absolute_retry_safe_and_stops_when_someone_else_moved_the_route(make_plan, router_conn,
+                                                                                       stable_traffic):
     plan = make_plan({"candidate": "v2", "steps": [5, 50]})
     pre = runtime.preflight(plan)
     assert "power_plan" in pre and pre["power_plan"]["steps"][0]["percent"] == 5
@@ -80,7 +118,7 @@ def test_set_traffic_is_absolute_retry_safe_and_stops_when_someone_else_moved_th
     assert out["changed"] is False and hook.get_route("fraud") == moved
 
 
-def test_rollback_and_promote_are_idempotent(make_plan, router_conn):
+def test_rollback_and_promote_are_idempotent(make_plan, router_conn, stable_traffic):
     hook = TrafficRouterHook(router_conn)
     plan = make_plan({"candidate": "v2", "steps": [50]})
     pre = runtime.preflight(plan)
@@ -109,16 +147,10 @@ def test_post_deploy_hold_and_drift_check_after_promotion(make_plan, gateway, ro
     import asyncio
     import time
 
-    import requests
     from canary.triggers.hold import PostDeployHoldTrigger
 
     def traffic(n, amount):
-        s = requests.Session()
-        for i in range(n):
-            feats = {"amount": amount + i % 7, "hour": 13.0, "account_age_days": 300.0, "tx_last_24h": 2.0,
-                     "merchant_risk": 0.2, "country": 1.0, "distance_km": 5.0}
-            s.post(f"{gateway.url}/v1/models/fraud/predict", json={"unit_id": f"u{i}", "features": feats},
-                   timeout=10).raise_for_status()
+        _predict(gateway, n, amount)
 
     traffic(80, 40.0)
     time.sleep(0.5)
