@@ -119,8 +119,8 @@ def register_version(
         raise RegistrationError(f"artifact={str(artifact)!r}: no such file; pass the path of your joblib dump")
 
     estimator = _load_artifact(artifact)
-    features = _resolve_features(estimator, features)
     classes = _check_interface(estimator, kind)
+    features = _resolve_features(estimator, features)
     frame = _read_eval_csv(Path(eval_csv), label_column, features) if eval_csv is not None else None
 
     # The dry run goes through the gateway's own adapter: what passes here is what the gateway will answer.
