@@ -1,8 +1,10 @@
 """Send predict requests at a fixed rate from a population of units, then post the true labels as feedback.
 
 Features and labels come from `demo_models.data` (the process the demo models were trained on), so the feedback
-is the true label of each request and label metrics (mistake rate, absolute error) are real. Only loopback URLs
-are accepted. The run is bounded by `duration` (and `stop_event`) and returns a summary of what it sent.
+is the true label of each request and label metrics (mistake rate, absolute error) are real. With `csv` set
+(replay mode, `simulator.replay`), the requests are the rows of your own CSV file instead, for any registered
+model, and the label column is posted as feedback. Only loopback URLs are accepted. The run is bounded by
+`duration` (and `stop_event`) and returns a summary of what it sent.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -48,7 +51,8 @@ class SimulationConfig:
     """One simulation run.
 
     :param url: gateway base URL (loopback only).
-    :param model: model name (`fraud` or `eta`: the processes `demo_models.data` knows).
+    :param model: model name (`fraud` or `eta`: the processes `demo_models.data` knows; any registered model
+        with `csv`).
     :param rate: requests per second (0 < rate <= 5000).
     :param duration: seconds to send for.
     :param units: size of the unit population (unit ids `unit-<i>`).
@@ -58,6 +62,9 @@ class SimulationConfig:
     :param workers: concurrent HTTP connections (each a `requests.Session` with keep-alive).
     :param timeout: seconds per HTTP call.
     :param flush_feedback: at the end, wait until the pending labels are due and post them.
+    :param csv: replay mode: send the rows of this CSV file in order (looping) instead of demo data.
+    :param label_column: replay mode: the column with the true label, posted as feedback (None: no feedback).
+    :param unit_column: replay mode: the column with the unit id (None: a stable hash of the row index).
     """
 
     url: str
@@ -71,6 +78,9 @@ class SimulationConfig:
     workers: int = 4
     timeout: float = 10.0
     flush_feedback: bool = True
+    csv: str | Path | None = None
+    label_column: str | None = None
+    unit_column: str | None = None
 
     def __post_init__(self) -> None:
         self.url = check_loopback(self.url)
@@ -86,6 +96,13 @@ class SimulationConfig:
             raise ValueError(f"feedback_share={self.feedback_share}: must be between 0 and 1")
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers={self.workers}: must be between 1 and 64")
+        if self.csv is None and (self.label_column is not None or self.unit_column is not None):
+            raise ValueError(
+                f"label_column={self.label_column!r} unit_column={self.unit_column!r}: these columns belong to a "
+                "CSV replay; also pass --csv FILE"
+            )
+        if self.csv is not None and not Path(self.csv).is_file():
+            raise ValueError(f"csv={str(self.csv)!r}: no such file; pass the CSV to replay")
 
 
 @dataclass
@@ -111,7 +128,19 @@ class Simulation:
     def __init__(self, config: SimulationConfig, stop_event: threading.Event | None = None) -> None:
         self.config = config
         self.stop_event = stop_event or threading.Event()
-        self.population = Population(config.model, config.units, seed=config.seed)
+        self.replay = None
+        self.population = None
+        if config.csv is not None:
+            from simulator.replay import CsvReplay, model_features
+
+            features = model_features(config.url, config.model, timeout=config.timeout)
+            self.replay = CsvReplay(config.csv, features, config.label_column, config.unit_column)
+        else:
+            try:
+                self.population = Population(config.model, config.units, seed=config.seed)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; for your own model replay a CSV of its requests with --csv FILE "
+                                 "(see docs/own-model.md)") from exc
         self._rng = np.random.default_rng([config.seed, 101])
         self._jobs: queue.Queue = queue.Queue(maxsize=max(8, config.workers * 4))
         self._labels: list[tuple[float, int, str, float]] = []
@@ -121,6 +150,9 @@ class Simulation:
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _requests(self) -> Any:
+        if self.replay is not None:
+            yield from self.replay.jobs(self._rng, self.config.feedback_share)
+            return
         while True:
             batch = self.population.draw(self._rng, 256)
             feedback = self._rng.random(256) < self.config.feedback_share
@@ -250,6 +282,7 @@ class Simulation:
         return {
             "url": self.config.url,
             "model": self.config.model,
+            "source": f"csv:{self.config.csv}" if self.replay is not None else "demo_models.data",
             "rate_target": self.config.rate,
             "rate_achieved": round(t.sent / sending_seconds, 2) if sending_seconds > 0 else 0.0,
             "duration_s": round(total_seconds, 3),
@@ -280,10 +313,14 @@ def run(
     feedback_share: float = 1.0,
     workers: int = 4,
     flush_feedback: bool = True,
+    csv: str | Path | None = None,
+    label_column: str | None = None,
+    unit_column: str | None = None,
 ) -> dict:
     """Run one simulation in this thread and return its summary (see `SimulationConfig` for the arguments)."""
     config = SimulationConfig(
         url=url, model=model, rate=rate, duration=duration, units=units, label_delay=label_delay, seed=seed,
-        feedback_share=feedback_share, workers=workers, flush_feedback=flush_feedback,
+        feedback_share=feedback_share, workers=workers, flush_feedback=flush_feedback, csv=csv,
+        label_column=label_column, unit_column=unit_column,
     )
     return Simulation(config, stop_event).run()
