@@ -204,6 +204,19 @@ def _load_artifact(artifact: Path) -> Any:
     try:
         return joblib.load(artifact)
     except Exception as exc:  # noqa: BLE001 - unpickling can fail in many ways; all mean "not usable"
+        if isinstance(exc, ModuleNotFoundError):
+            raise RegistrationError(
+                f"artifact={str(artifact)!r}: joblib cannot import a module the model was pickled with ({exc}); "
+                "put the folder holding that module on the PYTHONPATH of this command and of the gateway, or "
+                "install the package that provides it"
+            ) from exc
+        if isinstance(exc, AttributeError) and "Can't get attribute" in str(exc):
+            raise RegistrationError(
+                f"artifact={str(artifact)!r}: joblib cannot find a class it was pickled with ({exc}). A class "
+                "defined in the training script itself (__main__) cannot be loaded anywhere else: move it into a "
+                "module (e.g. my_models.py), import it from there when training, dump again, and put that "
+                "module on the PYTHONPATH of this command and of the gateway"
+            ) from exc
         raise RegistrationError(
             f"artifact={str(artifact)!r}: joblib cannot load it ({type(exc).__name__}: {exc}); save it with "
             "joblib.dump(model, path) in an environment with the same library versions as the gateway "

@@ -196,3 +196,16 @@ def test_the_gateway_loads_and_serves_registered_versions(artifacts, tmp_path):
         missing = requests.post(f"{gw.url}/v1/models/churn/predict", json={"features": {"plan_price": 1}},
                                 timeout=10)
         assert missing.status_code == 422 and "tenure_months" in missing.text
+
+
+def test_a_class_from_the_training_script_is_refused_with_the_fix(tmp_path):
+    """The classic pickle trap: a wrapper class defined in the training script lives in `__main__` and cannot
+    be loaded by any other process (register, gateway). The error says how to fix it."""
+    script = tmp_path / "train.py"
+    script.write_text("import joblib\n\nclass Threshold:\n    def predict(self, x):\n"
+                      "        return [float(row[0] > 3) for row in x]\n\n"
+                      f"joblib.dump(Threshold(), {str(tmp_path / 'wrapped.joblib')!r})\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    with pytest.raises(RegistrationError, match=r"defined in the training script itself.*move it into a module"):
+        register_version(tmp_path / "models", "tickets", "v1", tmp_path / "wrapped.joblib", "regressor",
+                         features=["support_tickets"])
