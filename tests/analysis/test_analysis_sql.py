@@ -166,3 +166,24 @@ def test_bad_windows_and_missing_threshold_are_named(engine):
         look_stats(engine, "fraud", [(0, 10.0, T0)], POLICY, LOOK_AT)
     with pytest.raises(ValueError, match="baseline_p95"):
         look_stats(engine, "fraud", WINDOWS, POLICY, LOOK_AT)
+
+
+def test_sample_is_reproducible_bounded_and_spread(engine, log):
+    """The sample is the same on every call, has min(rows, limit) rows, and follows the window's traffic
+    (arm shares and time), not one end of it."""
+    pred, _ = log
+    win = pred[(pred.model == "fraud") & (pred.ts >= T0) & (pred.ts < LOOK_AT) & pred.arm.isin(["stable", "canary"])]
+    a = sample_rows(engine, "fraud", T0, LOOK_AT, limit=1000)
+    b = sample_rows(engine, "fraud", T0, LOOK_AT, limit=1000)
+    assert list(a.request_id) == list(b.request_id) and a.request_id.is_unique and len(a) == 1000
+    assert a.request_id.isin(win.request_id).all()
+    share = (win.arm == "canary").mean()
+    assert abs((a.arm == "canary").mean() - share) < 4 * np.sqrt(share * (1 - share) / 1000)
+    first_half = (win.ts < T0 + timedelta(seconds=600)).mean()
+    got_half = (pd.to_datetime(a.ts) < T0 + timedelta(seconds=600)).mean()
+    assert abs(got_half - first_half) < 4 * np.sqrt(first_half * (1 - first_half) / 1000)
+    small = T0 + timedelta(seconds=20)  # fewer rows than the limit: all of them
+    every = sample_rows(engine, "fraud", T0, small, limit=1000)
+    assert sorted(every.request_id) == sorted(win[win.ts < small].request_id)
+    with pytest.raises(ValueError, match="limit=0"):
+        sample_rows(engine, "fraud", T0, LOOK_AT, limit=0)

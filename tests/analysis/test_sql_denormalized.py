@@ -12,6 +12,7 @@ import os
 import uuid
 from datetime import timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 from analysis_logdata import T0, load_log, make_log
@@ -186,3 +187,25 @@ def test_empty_and_rowless_windows(engines, which):
                          far + timedelta(seconds=90), thresholds=THR)
     for st in (empty, rowless):
         assert st.traffic == [] and all(len(st.metrics[m.name].n) == 0 for m in POLICY.metrics)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sqlite", "postgresql"])
+def test_packed_label_counters_equal_one_aggregate_each(engines, which):
+    """The label counts packed into one SUM (eligible + B labelled + B^2 mismatches) decode to the numbers of
+    one aggregate each; a base smaller than a cell's requests makes the look read the cells again unpacked."""
+    from canary.analysis.sql import PACK_BASE, _rows_denormalized
+
+    pol = Policy(metrics=(*POLICY.metrics, MetricPolicy("sq_err", "squared_error", kind="continuous",
+                                                        label_delay_s=45)))
+    eng = engines[which]
+    with eng.connect() as conn:
+        got = {pack: _rows_denormalized(conn, eng.dialect.name, "fraud", WINDOWS, pol, LOOK_AT, THR, True, pack)
+               for pack in (PACK_BASE, 4, None)}
+    def norm(rows):
+        return sorted((r[0], int(r[1]), int(r[2]), *[float(v or 0) for v in r[3:]]) for r in rows[0])
+    assert max(r[3] for r in got[None][0]) >= 4  # base 4 is too small for these cells: the fallback ran
+    for pack in (PACK_BASE, 4):
+        a, b = norm(got[pack]), norm(got[None])
+        assert [x[:3] for x in a] == [x[:3] for x in b]
+        np.testing.assert_allclose(np.array([x[3:] for x in a]), np.array([x[3:] for x in b]), rtol=1e-12)
+        assert got[pack][1] == got[None][1]
