@@ -2,7 +2,8 @@
 
 A churn classifier on the user's own features (tenure_months, plan_price, support_tickets), trained here with
 scikit-learn: stable `v1` is a naive Bayes model, candidate `v2` a shallow decision tree that makes clearly
-fewer mistakes on the same process. Both are registered with `gateway.register`; the rollout spec and a
+fewer mistakes on the same process; candidate `v3` is broken (trained on inverted labels: healthy-looking
+answers, mostly wrong). All are registered with `gateway.register`; the rollout spec and a
 generic data-quality suite are written by the test into their own folders (`CANARY_ROLLOUTS_DIR`,
 `CANARY_EXPECTATIONS_DIR`); traffic and labels are replayed from a CSV the test generates with the
 simulator's replay mode. The real gateway, the real DAG file and `dag.test()`; holds of seconds as in the
@@ -15,12 +16,15 @@ import json
 import runpy
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
 import pandas as pd
+import pytest
 import requests
 import sqlalchemy as sa
 import yaml
@@ -128,31 +132,58 @@ def _read_run(dr: Any) -> tuple[str, dict[str, str], dict[str, Any]]:
     return str(getattr(dr.state, "value", dr.state)), states, xcoms
 
 
-def test_own_churn_model_better_candidate_is_promoted(airflow_db, tmp_path, monkeypatch):
-    from airflow.sdk import DAG
+@dataclass
+class OwnStack:
+    """The user's set-up: models registered, spec and suite written, gateway up, replay running."""
+
+    gateway: Any
+    models: Path
+    registered: dict[str, dict]
+
+    def rollout(self, conf: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any], float]:
+        """Trigger the churn rollout like the UI form (dag.test); return state, task states, XComs, seconds."""
+        from airflow.sdk import DAG
+
+        namespace = runpy.run_path(str(REPO / "dags" / "canary_rollouts.py"))
+        dag = {v.dag_id: v for v in namespace.values() if isinstance(v, DAG)}[DAG_ID]
+        started = time.monotonic()
+        dr = dag.test(run_conf=conf)
+        return (*_read_run(dr), time.monotonic() - started)
+
+    def get(self, path: str) -> Any:
+        return requests.get(f"{self.gateway.url}{path}", timeout=10).json()
+
+
+@pytest.fixture
+def own_stack(airflow_db, tmp_path, monkeypatch) -> Iterator[OwnStack]:
     from canary.spec import load_spec
     from gateway.register import register_version
     from gateway.testing import start_gateway
     from sklearn.naive_bayes import GaussianNB
     from sklearn.tree import DecisionTreeClassifier
 
-    started = time.monotonic()
-    # 1. the user's models, trained on their own data and dumped with joblib
+    # 1. the user's models, trained on their own data and dumped with joblib; v3 is broken: trained on
+    #    labels inverted by an upstream bug (it looks confident and is wrong most of the time)
     train, holdout = churn_frame(5000, 1), churn_frame(2000, 2)
     joblib.dump(GaussianNB().fit(train[FEATURES], train.churned), tmp_path / "churn_nb.joblib")
-    joblib.dump(DecisionTreeClassifier(max_depth=5, random_state=0).fit(train[FEATURES], train.churned),
-                tmp_path / "churn_tree.joblib")
+    tree = DecisionTreeClassifier(max_depth=5, random_state=0)
+    joblib.dump(tree.fit(train[FEATURES], train.churned), tmp_path / "churn_tree.joblib")
+    inverted = DecisionTreeClassifier(max_depth=5, random_state=0).fit(train[FEATURES], 1 - train.churned)
+    joblib.dump(inverted, tmp_path / "churn_inverted.joblib")
     holdout.to_csv(tmp_path / "holdout.csv", index=False)
     churn_frame(6000, 3).to_csv(tmp_path / "traffic.csv", index=False)
 
-    # 2. registered with gateway.register (v1 in production, v2 a candidate)
+    # 2. registered with gateway.register (v1 in production, v2 and v3 candidates)
     models = tmp_path / "models"
     common = {"eval_csv": tmp_path / "holdout.csv", "label_column": "churned"}
-    v1 = register_version(models, MODEL, "v1", tmp_path / "churn_nb.joblib", "classifier", stage="production",
-                          description="naive Bayes", **common)
-    v2 = register_version(models, MODEL, "v2", tmp_path / "churn_tree.joblib", "classifier",
-                          description="decision tree, depth 5", **common)
-    assert v2["eval_metrics"]["accuracy"] > v1["eval_metrics"]["accuracy"] + 0.03, (v1, v2)
+    registered = {
+        "v1": register_version(models, MODEL, "v1", tmp_path / "churn_nb.joblib", "classifier",
+                               stage="production", description="naive Bayes", **common),
+        "v2": register_version(models, MODEL, "v2", tmp_path / "churn_tree.joblib", "classifier",
+                               description="decision tree, depth 5", **common),
+        "v3": register_version(models, MODEL, "v3", tmp_path / "churn_inverted.joblib", "classifier",
+                               description="decision tree on inverted labels (broken)"),
+    }
 
     # 3. the spec and the data-quality suite, in the user's own folders
     rollouts, expectations = tmp_path / "rollouts", tmp_path / "expectations"
@@ -193,26 +224,34 @@ def test_own_churn_model_better_candidate_is_promoted(airflow_db, tmp_path, monk
                 warm = 0
         engine.dispose()
         assert warm >= 200, f"only {warm} predictions logged during the warm-up"
-
-        # 5. the rollout, as the UI form would trigger it
-        namespace = runpy.run_path(str(REPO / "dags" / "canary_rollouts.py"))
-        dag = {v.dag_id: v for v in namespace.values() if isinstance(v, DAG)}[DAG_ID]
-        run_started = time.monotonic()
-        dr = dag.test(run_conf={"candidate": "v2"})
-        run_seconds = time.monotonic() - run_started
-        state, states, xcoms = _read_run(dr)
-        route = requests.get(f"{gw.url}/v1/models/{MODEL}/route", timeout=10).json()
-        listing = requests.get(f"{gw.url}/v1/models", timeout=10).json()["models"]
+        yield OwnStack(gw, models, registered)
+        assert replay.error is None, replay.error
     finally:
         if replay is not None:
             replay.stop()
         gw.stop()
 
-    analyses = [xcoms[k] for k in sorted(k for k in xcoms if k.endswith(".analyze"))]
-    summary = json.dumps({"state": state, "states": states, "seconds": round(run_seconds),
-                          "decisions": [(a["verdict"]["decision"], a["verdict"]["reason"]) for a in analyses]},
-                         indent=1, default=str)
-    assert replay.error is None, replay.error
+
+def _summary(state: str, states: dict, analyses: list[dict], seconds: float) -> str:
+    return json.dumps({"state": state, "states": states, "seconds": round(seconds),
+                       "decisions": [(a["verdict"]["decision"], a["verdict"]["reason"]) for a in analyses]},
+                      indent=1, default=str)
+
+
+def _analyses(xcoms: dict[str, Any]) -> list[dict]:
+    return [xcoms[k] for k in sorted(k for k in xcoms if k.endswith(".analyze"))]
+
+
+def test_own_churn_model_better_candidate_is_promoted(own_stack):
+    v1, v2 = own_stack.registered["v1"], own_stack.registered["v2"]
+    assert v2["eval_metrics"]["accuracy"] > v1["eval_metrics"]["accuracy"] + 0.03, (v1, v2)
+
+    state, states, xcoms, seconds = own_stack.rollout({"candidate": "v2"})
+    route = own_stack.get(f"/v1/models/{MODEL}/route")
+    listing = own_stack.get("/v1/models")["models"]
+
+    analyses = _analyses(xcoms)
+    summary = _summary(state, states, analyses, seconds)
     assert state == "success", summary
     assert states["promote"] == "success" and states["drift_check"] == "success", summary
     assert [a["verdict"]["decision"] for a in analyses][-1] == "promote", summary
@@ -222,7 +261,27 @@ def test_own_churn_model_better_candidate_is_promoted(airflow_db, tmp_path, monk
     assert last["data_quality"]["success"], last["data_quality"]  # the generic suite passed on the canary's rows
     assert route["stable"] == "v2" and route["canary"] is None and route["canary_percent"] == 0, route
     stages = {v["version"]: v["stage"] for m in listing if m["model"] == MODEL for v in m["versions"]}
-    assert stages == {"v1": "archived", "v2": "production"}, stages
+    assert stages == {"v1": "archived", "v2": "production", "v3": "candidate"}, stages
     assert xcoms["report"]["outcome"] == "promoted" and Path(xcoms["report"]["path"]).is_file()
-    print(f"own-model rollout: promoted in {run_seconds:.0f} s ({len(analyses)} steps), "
-          f"test {time.monotonic() - started:.0f} s")
+    print(f"own-model rollout: promoted in {seconds:.0f} s ({len(analyses)} steps)")
+
+
+def test_own_churn_model_broken_candidate_is_rolled_back(own_stack):
+    """v3 answers like a healthy model (no errors, scores in range, same speed: data quality passes) but is
+    wrong most of the time: the mistake rate shows the harm and the rollout rolls it back."""
+    state, states, xcoms, seconds = own_stack.rollout({"candidate": "v3"})
+    route = own_stack.get(f"/v1/models/{MODEL}/route")
+    listing = own_stack.get("/v1/models")["models"]
+
+    analyses = _analyses(xcoms)
+    summary = _summary(state, states, analyses, seconds)
+    assert state == "failed", summary  # a rolled-back run ends failed on purpose
+    assert states["rollback"] == "failed" and states["promote"] in ("skipped", "upstream_failed"), summary
+    assert analyses and analyses[-1]["verdict"]["decision"] == "rollback", summary
+    rolled = xcoms["rollback:rollback"]
+    assert "mistake_rate" in json.dumps(rolled["root_cause"]["failing_metrics"]), rolled["root_cause"]
+    assert route["stable"] == "v1" and route["canary_percent"] == 0, route
+    stages = {v["version"]: v["stage"] for m in listing if m["model"] == MODEL for v in m["versions"]}
+    assert stages["v1"] == "production" and stages["v3"] == "candidate", stages
+    assert xcoms["report"]["outcome"] == "rolled_back"
+    print(f"own-model rollout: rolled back in {seconds:.0f} s ({len(analyses)} steps)")
