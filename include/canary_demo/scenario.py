@@ -115,6 +115,24 @@ def write_demo_spec(folder: Path, timings: dict[str, Any] | None = None, source:
     return path
 
 
-def write_demo_specs(folder: Path, timings: dict[str, Any] | None = None) -> list[Path]:
-    """Demo copies of every spec in ``include/rollouts`` (for ``make airflow``)."""
-    return [write_demo_spec(folder, timings, source) for source in sorted(SPECS.glob("*.yaml"))]
+def write_demo_specs(folder: Path, timings: dict[str, Any] | None = None, source_dir: Path | None = None,
+                     warn: Any = print) -> list[Path]:
+    """Demo copies of every spec in ``source_dir`` (default ``include/rollouts``; for ``make airflow``).
+
+    A spec that does not load (a mistake in a user's own spec) is copied unchanged, so Airflow shows it as
+    a ``broken-spec`` placeholder DAG with the loader's message, like in production, and the other specs
+    still get their DAGs; ``warn`` is told which one and why."""
+    import yaml
+    from canary.spec import SpecError
+
+    written = []
+    for source in sorted((source_dir or SPECS).glob("*.yaml")):
+        try:
+            written.append(write_demo_spec(folder, timings, source))
+        except (SpecError, yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+            target = folder / source.name
+            target.write_text(source.read_text())
+            warn(f"{source}: not a valid rollout spec, copied unchanged (Airflow shows it as a broken-spec "
+                 f"DAG with this message):\n{exc}")
+            written.append(target)
+    return written

@@ -183,3 +183,22 @@ def test_the_good_candidate_is_more_accurate_than_stable_and_served_like_it(tmp_
         assert answer["score"] == pytest.approx(float(scorer.predict_proba(batch.features[:1])[0, 1]))
         meta = requests.get(f"{gw.url}/v1/models/fraud/versions/{CANDIDATE}", timeout=10).json()
         assert meta["loadable"] and meta["params"]["wrapper"] == "LinearScorer"
+
+
+def test_a_broken_user_spec_does_not_stop_the_others(tmp_path):
+    """make airflow copies every spec with short holds; a user's spec with a mistake is copied unchanged
+    (Airflow then shows its broken-spec DAG with the message) instead of crashing the start-up."""
+    from canary.spec import load_spec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "fraud.yaml").write_text((SPECS / "fraud.yaml").read_text())
+    (src / "churn.yaml").write_text((SPECS / "fraud.yaml").read_text().replace("model: fraud", "model: churn")
+                                    .replace("steps: [1, 5, 25, 50]", "steps: [50, 5]"))
+    (src / "bad_yaml.yaml").write_text("model: x\nsteps: [1, 2\n")
+    warnings: list[str] = []
+    paths = write_demo_specs(tmp_path / "out", source_dir=src, warn=warnings.append)
+    assert sorted(p.name for p in paths) == ["bad_yaml.yaml", "churn.yaml", "fraud.yaml"]
+    assert load_spec(tmp_path / "out" / "fraud.yaml").hold.min_duration <= 30
+    assert (tmp_path / "out" / "churn.yaml").read_text() == (src / "churn.yaml").read_text()
+    assert len(warnings) == 2 and any("churn.yaml" in w and "steps" in w for w in warnings), warnings
