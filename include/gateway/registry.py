@@ -104,6 +104,14 @@ class LoadedModel:
                     f"{self.model}/{self.version}: classifier has no predict_proba/predict"
                 )
             self._positive_index = len(classes) - 1 if classes is not None and len(classes) else 1
+            if classes is not None and not all(_is_number(c) for c in classes):
+                # the log stores predictions and labels as numbers: a text class would be logged as NULL and
+                # every label metric of this model would silently have no data
+                raise UnloadableVersion(
+                    f"{self.model}/{self.version}: classifier classes_ {list(classes)[:5]} are not numbers; "
+                    "the prediction log stores numeric predictions and labels: retrain with numeric labels "
+                    "(e.g. 0/1) or wrap the model so predict returns numbers"
+                )
         elif not hasattr(self.estimator, "predict"):
             raise UnloadableVersion(f"{self.model}/{self.version}: regressor has no predict method")
 
@@ -145,6 +153,15 @@ class LoadedModel:
             label = classes[best] if classes is not None else best
             return _plain(label), score
         return _plain(self.estimator.predict(x)[0]), None
+
+
+def _is_number(value: Any) -> bool:
+    """True for Python and numpy numbers and booleans; False for text."""
+    import numbers
+
+    import numpy as np
+
+    return isinstance(value, numbers.Number | np.bool_)
 
 
 def _plain(value: Any) -> Any:

@@ -227,3 +227,27 @@ def test_registry_listing_stage_and_unloadable_candidate(gateway, model_dir) -> 
     r = predict(s, gateway, eta_body, model="eta")
     assert r.status_code == 200 and r.json()["score"] is None and r.json()["prediction"] > 0
     s.close()
+
+
+def test_a_classifier_with_text_classes_is_unloadable_with_the_fix(gateway, model_dir) -> None:
+    """The log stores numeric predictions and labels: a classifier answering "yes"/"no" would be logged as
+    NULL and its label metrics would have no data, so the registry refuses it and says how to fix it."""
+    import joblib
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(3).normal(size=(200, 7))
+    text = LogisticRegression().fit(x, np.where(x[:, 0] > 0, "yes", "no"))
+    booleans = LogisticRegression().fit(x, x[:, 0] > 0)
+    meta = json.loads((model_dir / "fraud" / "v1" / "metadata.json").read_text())
+    for version, est in (("v8", text), ("v9", booleans)):
+        folder = model_dir / "fraud" / version
+        folder.mkdir()
+        joblib.dump(est, folder / "model.joblib")
+        (folder / "metadata.json").write_text(json.dumps({**meta, "version": version, "stage": "candidate"}))
+    s = requests.Session()
+    v8 = s.get(f"{gateway.url}/v1/models/fraud/versions/v8", timeout=30).json()
+    assert v8["loadable"] is False and "are not numbers" in v8["error"] and "numeric labels" in v8["error"], v8
+    assert s.get(f"{gateway.url}/v1/models/fraud/versions/v9", timeout=30).json()["loadable"] is True
+    r = gateway.set_route("fraud", stable="v1", canary="v8", canary_percent=5, lease_seconds=60)
+    assert r.status_code == 422 and "are not numbers" in r.json()["detail"], r.text
