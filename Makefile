@@ -47,7 +47,7 @@ demo: setup
 
 # Airflow standalone on 127.0.0.1:8080 with the gateway and simulated traffic, for trying the UI form.
 airflow: setup
-	$(PY) -m airflow_local --gateway-port $(GATEWAY_PORT) --rate $(RATE)
+	$(PY) -m airflow_local --gateway-port $(GATEWAY_PORT) --rate $(RATE) $(AIRFLOW_ARGS)
 
 stack-test: setup
 	$(VENV)/bin/pytest -q tests/stack

@@ -10,6 +10,11 @@ By default the DAGs are built from demo copies of ``include/rollouts/*.yaml`` wi
 (``var/demo/rollouts``) so a rollout triggered from the UI finishes in a few minutes; ``--real-specs``
 uses ``include/rollouts`` as they are. Ctrl-C stops Airflow, the simulator and the gateway (in that order).
 See docs/demo.md for triggering a rollout from the UI form.
+
+Your own model (docs/own-model.md): ``--model-dir`` (registered with ``python -m gateway.register``; the demo
+models are then not trained), ``--rollouts-dir`` (your specs; demo copies with short holds unless
+``--real-specs``), ``--expectations-dir`` (your data-quality suites), ``--model`` and ``--csv`` (the simulator
+replays your rows; ``--label-column``, ``--unit-column``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--airflow-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", 8080)))
     p.add_argument("--model", default=os.environ.get("SIMULATOR_MODEL", "fraud"), help="model the simulator calls")
     p.add_argument("--rate", type=float, default=float(os.environ.get("RATE", 20)), help="requests per second")
-    p.add_argument("--real-specs", action="store_true", help="use include/rollouts as is (10-minute holds)")
-    return p.parse_args(argv)
+    p.add_argument("--real-specs", action="store_true", help="use the specs as they are (their real holds)")
+    p.add_argument("--model-dir", help="your model directory (default: <var-dir>/models with the demo models)")
+    p.add_argument("--rollouts-dir", help="folder of your rollout specs (default: include/rollouts)")
+    p.add_argument("--expectations-dir", help="folder of your data-quality suites (default: include/expectations)")
+    p.add_argument("--csv", help="the simulator replays this CSV's rows for --model (docs/own-model.md)")
+    p.add_argument("--label-column", help="CSV column posted as the label (feedback)")
+    p.add_argument("--unit-column", help="CSV column of the unit id (sticky routing)")
+    args = p.parse_args(argv)
+    for name in ("model_dir", "rollouts_dir", "expectations_dir", "csv"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).exists():
+            p.error(f"--{name.replace('_', '-')} {value}: no such file or folder; give an existing path")
+    if (args.label_column or args.unit_column) and not args.csv:
+        p.error("--label-column/--unit-column need --csv (the demo models' traffic has its own labels)")
+    return args
 
 
 def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
@@ -71,7 +89,8 @@ def _stop_group(proc: subprocess.Popen | None, timeout: float = 60) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    paths = StackPaths(Path(args.var_dir).resolve())
+    paths = StackPaths(Path(args.var_dir).resolve(),
+                       model_dir=Path(args.model_dir).resolve() if args.model_dir else None)
     paths.make()
     token = new_token()
     env = airflow_env(paths, gateway_port=args.gateway_port, token=token)
@@ -85,10 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         # airflow standalone starts its parts as `airflow <command>`: the venv's bin must be on PATH
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
+    source_specs = Path(args.rollouts_dir).resolve() if args.rollouts_dir else None
     if not args.real_specs:
         spec_dir = paths.var / "demo" / "rollouts"
-        write_demo_specs(spec_dir)
+        if spec_dir.is_dir():  # copies of specs removed from the source folder must not linger as DAGs
+            for old in spec_dir.glob("*.yaml"):
+                old.unlink()
+        write_demo_specs(spec_dir, source_dir=source_specs)
         env["CANARY_ROLLOUTS_DIR"] = str(spec_dir)
+    elif source_specs is not None:
+        env["CANARY_ROLLOUTS_DIR"] = str(source_specs)
+    if args.expectations_dir:
+        env["CANARY_EXPECTATIONS_DIR"] = str(Path(args.expectations_dir).resolve())
     os.environ.update(env)
 
     # DAGs first created by `python -m canary_demo` (dag.test) are paused; a UI user expects them on.
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                    stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "airflow", "dags", "unpause", "--treat-dag-id-as-regex", "-y",
                     "^canary_rollout__"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not (paths.models / args.model).is_dir():
+    if args.model_dir is None and not (paths.models / args.model).is_dir():
         print(f"training the demo models into {paths.models} ...", flush=True)
         subprocess.run([sys.executable, "-m", "demo_models.train", "--out", str(paths.models)], env=env, check=True)
 
@@ -109,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         gateway = start_gateway(paths, token, args.gateway_port)
         print(f"gateway: {gateway.url} (log {gateway.log_path})", flush=True)
         sim_log = open(paths.logs / "simulator.log", "ab")  # noqa: SIM115 (lives as long as the child)
+        replay = [] if not args.csv else ["--csv", str(Path(args.csv).resolve())] + [
+            arg for flag, value in (("--label-column", args.label_column), ("--unit-column", args.unit_column))
+            if value for arg in (flag, value)]
         simulator = subprocess.Popen(
             [sys.executable, "-m", "simulator", "--url", gateway.url, "--model", args.model,
-             "--rate", str(args.rate), "--duration", str(7 * 24 * 3600)],
+             "--rate", str(args.rate), "--duration", str(7 * 24 * 3600), *replay],
             env=env, stdout=sim_log, stderr=subprocess.STDOUT,
         )
         print(f"simulator: {args.rate:g} requests/s to {args.model} (log {paths.logs / 'simulator.log'})", flush=True)

@@ -28,9 +28,11 @@ class StackPaths:
     """Where the demo keeps its state (everything under one ``var`` directory, removed by ``make clean``).
 
     :param var: the root, ``<repo>/var`` by default.
+    :param model_dir: the gateway's model directory when it is not ``var/models`` (your own models).
     """
 
     var: Path
+    model_dir: Path | None = None
 
     @property
     def airflow_home(self) -> Path:
@@ -38,7 +40,7 @@ class StackPaths:
 
     @property
     def models(self) -> Path:
-        return self.var / "models"
+        return self.model_dir if self.model_dir is not None else self.var / "models"
 
     @property
     def prediction_db(self) -> Path:
