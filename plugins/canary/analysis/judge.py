@@ -205,7 +205,11 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+    """A number for a reason; an infinite boundary (no alpha spent yet at this information) reads "inf",
+    not "n/a", so the record says why the test could not pass."""
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:.4g}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, dq: dict | None,
