@@ -9,8 +9,14 @@ The shape of a run::
     report (all_done) after rollback / pause / drift_check;  fail_safe (one_failed) after every other task
 
 ``decide`` is a branch. A branch skips its direct downstream tasks that it does not choose, so each step
-reaches the shared ``rollback``/``pause`` (and, when the trigger params shorten the steps, ``promote``)
-through its own gate task; the shared tasks use ``none_failed_min_one_success``.
+reaches the shared ``rollback``, ``pause`` and ``promote`` through its own gate task; the shared tasks use
+``none_failed_min_one_success``.
+
+With ``on_inconclusive: pause``: ``pause`` (the share stays, its lease covers the decision window) ->
+``decide_pause``, Airflow's Human-in-the-loop branch (:class:`canary.operators.pause.PauseDecisionOperator`):
+a person answers *Promote* (-> ``promote``) or *Roll back* (-> ``rollback``) in the Required actions page;
+no answer within the run's ``hold.max_wait`` rolls back. ``promote`` is a direct downstream of no step's
+``decide``, so it is still runnable when the person answers.
 
 The run's leaf tasks are ``report`` and ``fail_safe``. When anything failed, ``fail_safe`` makes traffic safe
 and then fails itself, so a rolled-back or broken run never shows green. The DAG's ``on_failure_callback``
@@ -269,10 +275,12 @@ def branch_target(
     plan: dict[str, Any], step_index: int, analysis: dict[str, Any] | None, dag_steps: int
 ) -> str:
     """The task the ``decide`` branch of step ``step_index`` follows: :func:`canary.runtime.decide`'s choice,
-    routed through this step's ``to_promote`` gate when the trigger params shortened the steps (the DAG's
-    ``promote`` is a direct downstream of the last step group's ``decide`` only)."""
+    with ``promote`` routed through this step's ``to_promote`` gate. ``promote`` is a direct downstream of no
+    ``decide``: a branch skips the direct downstream tasks it does not choose, and a skipped ``promote``
+    could not run later when a person answers *Promote* after a pause (or the trigger params shortened the
+    steps, so an earlier step promotes). ``dag_steps`` is kept for callers; every step has the gate."""
     target = runtime.decide(plan, step_index, analysis)
-    if target == "promote" and step_index < dag_steps:
+    if target == "promote":
         return f"step_{step_index}.to_promote"
     return target
 
@@ -292,9 +300,15 @@ def _verdict(context: dict[str, Any], dag_steps: int) -> dict[str, Any] | None:
     return (analysis or {}).get("verdict")
 
 
+def _answer(context: dict[str, Any]) -> dict[str, Any] | None:
+    """A person's answer after a pause (``decide_pause``'s XCom ``answer``), None when the run did not pause."""
+    return context["ti"].xcom_pull(task_ids="decide_pause", key="answer")
+
+
 def _rollback(dag_steps: int, **context: Any) -> dict[str, Any]:
     return runtime.rollback(
-        _pull(context, "validate"), _pull(context, "preflight"), _verdict(context, dag_steps)
+        _pull(context, "validate"), _pull(context, "preflight"), _verdict(context, dag_steps),
+        answer=_answer(context),
     )
 
 
@@ -305,7 +319,7 @@ def _pause(dag_steps: int, **context: Any) -> dict[str, Any]:
 
 
 def _promote(**context: Any) -> dict[str, Any]:
-    return runtime.promote(_pull(context, "validate"), _pull(context, "preflight"))
+    return runtime.promote(_pull(context, "validate"), _pull(context, "preflight"), answer=_answer(context))
 
 
 def _drift_check(**context: Any) -> dict[str, Any]:
@@ -464,10 +478,9 @@ def build_dag(spec_path: str | Path) -> DAG:
                     to_pause = EmptyOperator(task_id="to_pause")
                     decide >> to_pause
                     gates_pause.append(to_pause)
-                if i < n:
-                    to_promote = EmptyOperator(task_id="to_promote")
-                    decide >> to_promote
-                    gates_promote.append(to_promote)
+                to_promote = EmptyOperator(task_id="to_promote")
+                decide >> to_promote
+                gates_promote.append(to_promote)
             previous >> set_traffic
             previous = decide
             decides.append(decide)
@@ -482,17 +495,6 @@ def build_dag(spec_path: str | Path) -> DAG:
         )
         gates_rollback >> rollback
         terminal = [rollback]
-        if pausing:
-            pause = PythonOperator(
-                task_id="pause",
-                python_callable=_pause,
-                op_kwargs={"dag_steps": n},
-                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                execution_timeout=timedelta(minutes=5),
-                doc_md="Inconclusive at the cap: keep the share under its lease, notify, promote nothing.",
-            )
-            gates_pause >> pause
-            terminal.append(pause)
         promote = PythonOperator(
             task_id="promote",
             python_callable=_promote,
@@ -501,7 +503,28 @@ def build_dag(spec_path: str | Path) -> DAG:
             execution_timeout=timedelta(minutes=5),
             doc_md="stable := candidate at 100 %, registry stage production, Asset event.",
         )
-        [decides[-1], *gates_promote] >> promote
+        gates_promote >> promote
+        if pausing:
+            from canary.operators.pause import PauseDecisionOperator  # HITL: only DAGs that pause import it
+
+            pause = PythonOperator(
+                task_id="pause",
+                python_callable=_pause,
+                op_kwargs={"dag_steps": n},
+                trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                execution_timeout=timedelta(minutes=5),
+                doc_md="Inconclusive at the cap: keep the share, its lease extended over the decision window "
+                "(hold.max_wait); notify the owners to decide.",
+            )
+            decide_pause = PauseDecisionOperator(
+                task_id="decide_pause",
+                promote_task_id="promote",
+                rollback_task_id="rollback",
+                doc_md="A person chooses Promote or Roll back (Required actions); no answer within the run's "
+                "hold.max_wait rolls back.",
+            )
+            gates_pause >> pause >> decide_pause >> [promote, rollback]
+            terminal.append(pause)
         post_deploy_hold = PostDeployHoldSensor(task_id="post_deploy_hold")
         drift_check = PythonOperator(
             task_id="drift_check",

@@ -43,8 +43,9 @@ from airflow.sdk import BaseNotifier
 
 log = logging.getLogger(__name__)
 
-#: Events the runtime reports. ``failure`` is any run that ended failed for a reason other than a rollback.
-EVENTS = ("rollback", "promotion", "failure")
+#: Events the runtime reports. ``failure`` is any run that ended failed for a reason other than a rollback;
+#: ``pause`` asks the owners to decide a canary that was inconclusive at its cap (promote or roll back).
+EVENTS = ("rollback", "promotion", "failure", "pause")
 
 #: Keys of the payload every notification carries (values may be null when unknown).
 PAYLOAD_KEYS = ("event", "model", "candidate", "stable", "decision", "reason", "run_id", "report_path")
@@ -277,7 +278,7 @@ class WebhookNotifier(BaseNotifier):
     """POST a JSON rollout event to the webhook of an Airflow HTTP Connection.
 
     :param webhook_conn_id: the HTTP connection holding the URL, headers and credentials.
-    :param event: ``rollback``, ``promotion`` or ``failure``.
+    :param event: ``rollback``, ``promotion``, ``failure`` or ``pause``.
     :param payload: the event's fields (see :data:`PAYLOAD_KEYS`); when omitted (used as an Airflow
         callback) they are taken from the callback context.
     """
@@ -318,7 +319,7 @@ class WebhookNotifier(BaseNotifier):
 
 
 def _email_subject(payload: Mapping[str, Any]) -> str:
-    verb = {"rollback": "rolled back", "promotion": "promoted", "failure": "failed"}[payload["event"]]
+    verb = {"rollback": "rolled back", "promotion": "promoted", "failure": "failed", "pause": "paused: promote or roll back?"}[payload["event"]]
     return f"[canary] {payload.get('model')}: candidate {payload.get('candidate')} {verb}"
 
 
@@ -366,7 +367,7 @@ def _get(spec_notifications: Any, name: str, default: Any = None) -> Any:
 def notify(event: str, payload: Mapping[str, Any], spec_notifications: Any) -> list[NotificationResult]:
     """Send ``event`` to every channel the spec's ``notifications`` configures; never raises for delivery.
 
-    :param event: ``rollback``, ``promotion`` or ``failure``.
+    :param event: ``rollback``, ``promotion``, ``failure`` or ``pause``.
     :param payload: ``model``, ``candidate``, ``decision``, ``reason``, ``run_id``, ``report_path`` (and
         anything else JSON-serialisable).
     :param spec_notifications: the spec's ``notifications`` (dict or dataclass) with ``webhook_conn_id``

@@ -1249,9 +1249,23 @@ def _notify(plan: dict[str, Any], event: str, payload: dict[str, Any]) -> list[d
     return out
 
 
-def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] | None) -> dict[str, Any]:
+def _answer_text(answer: dict[str, Any] | None, chose: str) -> str:
+    """How a paused run was decided, from ``decide_pause``'s XCom ``answer`` ('' when it did not pause)."""
+    if not answer:
+        return ""
+    if answer.get("timed_out") or not answer.get("responded_by"):
+        return "paused at the cap and nobody answered within the decision window: rolled back (the default)"
+    return f"paused at the cap; {answer['responded_by']} chose {chose} at {answer.get('responded_at')}"
+
+
+def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] | None,
+             answer: dict[str, Any] | None = None) -> dict[str, Any]:
     """Canary to 0 % (compare-and-set), root-cause record, notify; then raise ``AirflowFailException``
-    with the verdict's reason so the run ends failed and says why."""
+    with the verdict's reason so the run ends failed and says why.
+
+    :param answer: after ``on_inconclusive: pause``, the person's answer (``decide_pause``'s XCom
+        ``answer``: ``chosen``, ``responded_by``, ``responded_at``, ``timed_out``); it leads the reason.
+    """
     v = _unwrap_verdict(verdict)
     route, changed = _to_zero(plan, pre.get("candidate"), "rollback")
     rc = root_cause(v)
@@ -1261,6 +1275,9 @@ def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] 
     except Exception as exc:  # noqa: BLE001 - the root cause is for humans; the rollback must not fail on it
         _log("worst segments not computed: %s", exc)
     reason = v.get("reason") or "inconclusive at the cap (on_inconclusive: rollback)"
+    if answer:
+        reason = f"{_answer_text(answer, 'roll back')} (the last look: {reason})"
+        rc["reason"] = reason
     text = root_cause_text(rc)
     _log("rollback of %s %s:\n%s", _model(plan), pre.get("candidate"), text)
     notes = _notify(plan, "rollback", _payload(plan, pre, "rollback", reason))
@@ -1271,22 +1288,79 @@ def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] 
 
 
 def pause(plan: dict[str, Any], pre: dict[str, Any], verdict: dict[str, Any] | None) -> dict[str, Any]:
-    """``on_inconclusive: pause`` at the cap: keep the current share under its lease (the gateway returns
-    traffic to stable when the lease runs out), notify the owners with the evidence, promote nothing."""
+    """``on_inconclusive: pause`` at the cap: keep the current share for a person to decide.
+
+    The share's lease is extended over the decision window (the run's ``hold.max_wait``) plus one lease, so
+    the canary keeps serving while the ``decide_pause`` task waits for an answer (it runs no code while it
+    waits and cannot renew); if Airflow is gone, the gateway still returns traffic to stable when that lease
+    runs out. Notifies the owners (event ``pause``) with the reason and where to answer. Fails without
+    waiting when this run's canary is no longer on the route (its lease ran out, someone changed it): there
+    is nothing left to decide, and the fail-safe reports it.
+
+    :returns: ``{"route", "reason", "decision_window_s", "lease_expires_at", "notifications"}``.
+    """
+    from canary.hooks.errors import RouteConflictError
+
     v = _unwrap_verdict(verdict)
-    route = _router(plan).get_route(_model(plan)).to_dict()
+    model, candidate = _model(plan), pre.get("candidate")
+    router = _router(plan)
+    route = router.get_route(model)
+    if route.canary != candidate or route.canary_percent <= 0:
+        raise _fail(
+            f"pause: the canary {candidate} of {model} is no longer on the route (found canary={route.canary} at "
+            f"{route.canary_percent:g}%, generation {route.generation}, updated {route.updated_at}): its lease ran "
+            "out or someone changed the route, so traffic is already on stable and there is nothing to decide. "
+            "Trigger a new rollout to try again."
+        )
+    window = hold_settings(plan).max_wait_s
+    lease = int(window + _seconds(_spec(plan).get("lease", 900)))
+    try:
+        route = router.renew_lease(model, if_generation=route.generation, lease_seconds=lease)
+    except RouteConflictError as exc:
+        raise _fail(f"pause: the route of {model} changed while pausing ({exc}); not waiting for a decision") from exc
     reason = f"paused at the cap, inconclusive: {v.get('reason')}"
-    _log("%s; route %s (the lease returns traffic to stable at %s unless renewed)", reason, route,
-         route.get("lease_expires_at"))
-    notes = _notify(plan, "failure", _payload(plan, pre, "pause", reason))
-    return {"route": route, "reason": reason, "notifications": notes}
+    ask = (f"{reason}. The canary keeps {route.canary_percent:g}% of traffic; answer Promote or Roll back in "
+           f"Airflow (Required actions, task decide_pause) within {format_seconds(window)}; no answer rolls back.")
+    _log("%s; route %s, lease until %s", ask, route.to_dict(), route.lease_expires_at)
+    notes = _notify(plan, "pause", _payload(plan, pre, "pause", ask))
+    return {"route": route.to_dict(), "reason": reason, "decision_window_s": window,
+            "lease_expires_at": route.lease_expires_at, "notifications": notes}
 
 
-def promote(plan: dict[str, Any], pre: dict[str, Any], last_route: dict[str, Any] | None = None) -> dict[str, Any]:
+def format_seconds(seconds: float) -> str:
+    """``7200`` -> ``2h``, ``90`` -> ``90s``: durations for people."""
+    from canary.spec import format_duration
+
+    return format_duration(int(seconds))
+
+
+def pause_question(plan: dict[str, Any], paused: dict[str, Any], window: float) -> tuple[str, str]:
+    """Subject and Markdown body of the question a paused run asks in Airflow's Required actions."""
+    spec = _spec(plan)
+    route = paused.get("route") or {}
+    candidate = route.get("canary") or plan.get("candidate")
+    subject = f"{spec['model']}: canary {candidate} paused at {route.get('canary_percent', '?')}% - promote or roll back?"
+    body = (
+        f"**{paused.get('reason') or 'Inconclusive at the cap.'}**\n\n"
+        f"Stable: `{route.get('stable')}`, canary: `{candidate}` at {route.get('canary_percent')}% "
+        f"(its lease runs until {paused.get('lease_expires_at')}).\n\n"
+        "The numbers could not decide within the step's cap: neither harm nor non-inferiority was shown on every "
+        "metric. The last `analyze` task's log holds the decision record (per metric: estimates, interval, "
+        "boundary, samples).\n\n"
+        f"- **Promote**: the canary becomes stable (registry stage production).\n"
+        f"- **Roll back**: the canary goes to 0 %; the run ends failed with this reason.\n\n"
+        f"No answer within {format_seconds(window)} rolls back."
+    )
+    return subject, body
+
+
+def promote(plan: dict[str, Any], pre: dict[str, Any], last_route: dict[str, Any] | None = None,
+            answer: dict[str, Any] | None = None) -> dict[str, Any]:
     """stable := candidate at 100 %, canary cleared, registry stage ``production``; the task emits the
     outlet Asset ``canary://<model>/promoted``.
 
     :param last_route: the last ``set_traffic`` XCom (optional): its generation must still be current.
+    :param answer: after a pause, the person's answer (``decide_pause``'s XCom); named in the notification.
     :returns: ``{"route", "promoted_at", "stable", "previous_stable"}``.
     """
     model, candidate, stable = _model(plan), pre["candidate"], pre["stable"]
@@ -1307,6 +1381,8 @@ def promote(plan: dict[str, Any], pre: dict[str, Any], last_route: dict[str, Any
         route = router.set_route(model, stable=candidate, canary=None, canary_percent=0, mode="split",
                                  if_generation=route.generation)
         note = f"stable is now {candidate} (was {stable})"
+    if answer:
+        note = f"{note}; {_answer_text(answer, 'promote')}"
     router.set_stage(model, candidate, "production")
     _log("promote %s: %s; registry stage production; route %s", model, note, route.to_dict())
     _asset_extra(model, {"model": model, "version": candidate, "previous": stable, "run_id": plan.get("run_id"),

@@ -50,13 +50,11 @@ def expected_tasks(spec: RolloutSpec) -> set[str]:
     n = len(spec.steps)
     tasks = {"validate", "preflight", "rollback", "promote", "post_deploy_hold", "drift_check", "report", "fail_safe"}
     if spec.on_inconclusive == "pause":
-        tasks.add("pause")
+        tasks |= {"pause", "decide_pause"}
     for i in range(1, n + 1):
-        tasks |= {f"step_{i}.{t}" for t in ("set_traffic", "hold", "analyze", "decide", "to_rollback")}
+        tasks |= {f"step_{i}.{t}" for t in ("set_traffic", "hold", "analyze", "decide", "to_rollback", "to_promote")}
         if spec.on_inconclusive == "pause":
             tasks.add(f"step_{i}.to_pause")
-        if i < n:
-            tasks.add(f"step_{i}.to_promote")
     return tasks
 
 
@@ -70,13 +68,16 @@ def expected_edges(spec: RolloutSpec) -> set[tuple[str, str]]:
         edges |= {(f"{s}.decide", f"{s}.to_rollback"), (f"{s}.to_rollback", "rollback")}
         if pausing:
             edges |= {(f"{s}.decide", f"{s}.to_pause"), (f"{s}.to_pause", "pause")}
+        edges |= {(f"{s}.decide", f"{s}.to_promote"), (f"{s}.to_promote", "promote")}
         if i < n:
-            edges |= {(f"{s}.decide", f"step_{i + 1}.set_traffic"), (f"{s}.decide", f"{s}.to_promote"),
-                      (f"{s}.to_promote", "promote")}
-    edges |= {(f"step_{n}.decide", "promote"), ("promote", "post_deploy_hold"), ("post_deploy_hold", "drift_check")}
+            edges.add((f"{s}.decide", f"step_{i + 1}.set_traffic"))
+    edges |= {("promote", "post_deploy_hold"), ("post_deploy_hold", "drift_check")}
     edges |= {("rollback", "report"), ("drift_check", "report")}
     if pausing:
-        edges.add(("pause", "report"))
+        # a person's answer: decide_pause branches to promote or rollback (never a direct downstream of a
+        # step's decide, which would skip it before anyone could answer)
+        edges |= {("pause", "report"), ("pause", "decide_pause"), ("decide_pause", "promote"),
+                  ("decide_pause", "rollback")}
     edges |= {(t, "fail_safe") for t in expected_tasks(spec) - {"report", "fail_safe"}}
     return edges
 
@@ -137,6 +138,12 @@ def test_expected_tasks_operators_and_edges(bag: DagBag, dag_id: str) -> None:
     for shared in ("rollback", "promote", *(["pause"] if spec.on_inconclusive == "pause" else [])):
         assert rules[shared] == "none_failed_min_one_success"
     assert {getattr(o, "uri", None) for o in dag.get_task("promote").outlets} == {f"canary://{spec.model}/promoted"}
+    if spec.on_inconclusive == "pause":
+        from airflow.providers.standard.operators.hitl import HITLBranchOperator
+
+        ask = dag.get_task("decide_pause")
+        assert isinstance(ask, HITLBranchOperator) and ask.defaults == ["Roll back"], "no answer must roll back"
+        assert set(ask.options_mapping.values()) == {"promote", "rollback"} <= ask.downstream_task_ids
     leaves = {t.task_id for t in dag.tasks if not t.downstream_task_ids}
     assert leaves == {"report", "fail_safe"}
 

@@ -10,6 +10,8 @@ touch traffic only after validation, and end in the right state?
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ class Recorder:
         self.fail_safe_calls: list[tuple[Any, Any]] = []  # (plan, reason): the task, then the DAG callback
         self.fail_safe_candidates: list[Any] = []
         self.fail_safe_runs: list[Any] = []  # None for the task; (dag_id, run_id) for the DAG callback
+        self.answers: dict[str, Any] = {}  # the pause answer promote / rollback received
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         rec = self
@@ -58,9 +61,10 @@ class Recorder:
             rec.calls.append(f"set_traffic:{plan['spec']['steps'][i - 1]}")
             return {"route": {"generation": 1 + i}, "step_started_at": "2026-01-01T00:00:00+00:00"}
 
-        def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: Any) -> dict[str, Any]:
+        def rollback(plan: dict[str, Any], pre: dict[str, Any], verdict: Any, answer: Any = None) -> dict[str, Any]:
             rec.calls.append("rollback")
             rec.rollback_verdict = verdict
+            rec.answers["rollback"] = answer
             raise AirflowFailException(f"rolled back: {verdict['reason']}")
 
         def fail_safe(plan: Any, spec_path: Any = None, reason: Any = None, candidate: Any = None, *,
@@ -75,8 +79,14 @@ class Recorder:
         mp.setattr(runtime, "set_traffic", set_traffic)
         mp.setattr(runtime, "rollback", rollback)
         mp.setattr(runtime, "fail_safe", fail_safe)
-        mp.setattr(runtime, "pause", lambda plan, pre, verdict: rec.calls.append("pause") or {})
-        mp.setattr(runtime, "promote", lambda plan, pre, *a: rec.calls.append("promote") or {"stable": "v2"})
+        mp.setattr(runtime, "pause", lambda plan, pre, verdict: rec.calls.append("pause") or {
+            "reason": "paused at the cap, inconclusive", "route": {"stable": "v1", "canary": "v2", "canary_percent": 50}})
+        def promote(plan: dict[str, Any], pre: dict[str, Any], *a: Any, answer: Any = None) -> dict[str, Any]:
+            rec.calls.append("promote")
+            rec.answers["promote"] = answer
+            return {"stable": "v2"}
+
+        mp.setattr(runtime, "promote", promote)
         mp.setattr(runtime, "drift_check", lambda plan, pre, post: rec.calls.append("drift_check") or {})
         mp.setattr(runtime, "report", lambda plan, **kw: rec.calls.append("report") or {"path": "r.html"})
 
@@ -88,6 +98,97 @@ class Recorder:
         mp.setattr(AnalyzeOperator, "execute", analyze)
         mp.setattr(PostDeployHoldSensor, "execute", lambda op, context: {"look_at": "2026-01-01T01:00:00+00:00"})
         mp.setattr(dag_factory, "RETRIES", 0)  # a failure is the outcome under test, not a flake
+
+
+class PauseAnswer(threading.Thread):
+    """A person at the Required actions page: answers the run's ``decide_pause`` task once it waits for input.
+
+    ``answer`` ("Promote" / "Roll back") goes through the handler of Airflow's HITL REST endpoint
+    (``PATCH .../hitlDetails``: the same validation, row locks and resume of the parked task), called in
+    process because ``dag.test()`` has no API server. ``answer=None`` answers nothing: once the response
+    deadline has passed it runs the scheduler's own timeout sweep (``dag.test()`` has no scheduler either),
+    which applies the task's default.
+    """
+
+    def __init__(self, dag_id: str, answer: str | None, *, user: str = "alice", timeout: float = 300.0,
+                 on_asked: Any = None) -> None:
+        super().__init__(daemon=True, name="pause-answer")
+        self.dag_id, self.answer, self.user, self.timeout = dag_id, answer, user, timeout
+        self.on_asked = on_asked  # called (in this thread) once the question is open, before answering
+        self.error: BaseException | None = None
+        self.asked: dict[str, Any] = {}
+        # Import in the caller's thread: importing Airflow's models from two threads at once can fail half-way.
+        import airflow.api_fastapi.core_api.routes.public.hitl  # noqa: F401
+        import airflow.jobs.scheduler_job_runner  # noqa: F401
+        import airflow.models.hitl  # noqa: F401
+        import airflow.models.taskinstance  # noqa: F401
+
+    def _waiting(self) -> Any:
+        from airflow.models.hitl import HITLDetail
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+        from airflow.utils.state import TaskInstanceState
+        from sqlalchemy import select
+
+        with create_session() as session:
+            ti = session.scalars(select(TaskInstance).where(
+                TaskInstance.dag_id == self.dag_id, TaskInstance.task_id == "decide_pause",
+                TaskInstance.state == TaskInstanceState.AWAITING_INPUT)).first()
+            if ti is None:
+                return None
+            detail = session.scalars(select(HITLDetail).where(HITLDetail.ti_id == ti.id)).first()
+            return {"run_id": ti.run_id, "trigger_timeout": ti.trigger_timeout,
+                    "subject": detail.subject if detail else None, "body": detail.body if detail else None,
+                    "options": list(detail.options or []) if detail else [],
+                    "defaults": list(detail.defaults or []) if detail else []}
+
+    def run(self) -> None:
+        from datetime import UTC, datetime
+
+        from airflow.utils.session import create_session
+
+        try:
+            deadline = time.monotonic() + self.timeout
+            while not (waiting := self._waiting()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"decide_pause of {self.dag_id} never waited for input")
+                time.sleep(0.3)
+            self.asked = waiting
+            if self.on_asked is not None:
+                self.on_asked()
+            if self.answer is not None:
+                from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+                from airflow.api_fastapi.core_api.datamodels.hitl import UpdateHITLDetailPayload
+                from airflow.api_fastapi.core_api.routes.public.hitl import update_hitl_detail
+
+                with create_session() as session:
+                    update_hitl_detail(
+                        dag_id=self.dag_id, dag_run_id=waiting["run_id"], task_id="decide_pause",
+                        update_hitl_detail_payload=UpdateHITLDetailPayload(chosen_options=[self.answer]),
+                        user=SimpleAuthManagerUser(username=self.user, role="admin"), session=session,
+                    )
+                return
+            from airflow.jobs.job import Job
+            from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+            while datetime.now(UTC) <= waiting["trigger_timeout"]:
+                time.sleep(0.3)
+            SchedulerJobRunner(job=Job()).check_awaiting_input_timeouts()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """Fail the waiting task so dag.test() returns (it would wait for an answer forever)."""
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+        from airflow.utils.state import TaskInstanceState
+        from sqlalchemy import update
+
+        with create_session() as session:
+            session.execute(update(TaskInstance).where(
+                TaskInstance.dag_id == self.dag_id, TaskInstance.task_id == "decide_pause",
+                TaskInstance.state == TaskInstanceState.AWAITING_INPUT).values(state=TaskInstanceState.FAILED))
 
 
 def run(spec_path: Path, mp: pytest.MonkeyPatch, decisions: dict[int, str], conf: dict[str, Any]) -> tuple:
@@ -105,7 +206,9 @@ def test_advance_then_promote(spec_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert rec.calls == ["preflight", "set_traffic:5", "set_traffic:50", "promote", "drift_check", "report"]
     for task in ("promote", "post_deploy_hold", "drift_check", "report"):
         assert states[task] == "success"
-    for task in ("rollback", "pause", "fail_safe", "step_1.to_rollback", "step_2.to_rollback", "step_1.to_promote"):
+    assert states["step_2.to_promote"] == "success"
+    for task in ("rollback", "pause", "decide_pause", "fail_safe", "step_1.to_rollback", "step_2.to_rollback",
+                 "step_1.to_promote"):
         assert states[task] == "skipped"
 
 
@@ -132,14 +235,41 @@ def test_rollback_at_the_first_step_fails_the_run_and_runs_the_fail_safe(
     assert states["report"] == "success"
 
 
-def test_inconclusive_at_the_cap_pauses_when_the_spec_says_pause(
+def test_inconclusive_at_the_cap_pauses_and_a_person_promotes(spec_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    person = PauseAnswer("canary_rollout__wire", "Promote")
+    person.start()
+    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "extend"}, {"candidate": "v2"})
+    person.join(5)
+    assert person.error is None, person.error
+    assert person.asked["options"] == ["Promote", "Roll back"] and person.asked["defaults"] == ["Roll back"]
+    assert person.asked["subject"].startswith("wire: canary v2 paused at 50% - promote or roll back?")
+    assert rec.calls == ["preflight", "set_traffic:5", "set_traffic:50", "pause", "promote", "drift_check", "report"]
+    assert states["step_2.to_pause"] == "success" and states["pause"] == "success"
+    assert states["decide_pause"] == "success" and states["promote"] == "success"
+    assert states["rollback"] == "skipped" and states["fail_safe"] == "skipped"
+    assert rec.answers["promote"]["chosen"] == "Promote" and rec.answers["promote"]["responded_by"] == "alice"
+    assert rec.answers["promote"]["timed_out"] is False
+    assert state == "success"
+
+
+def test_a_pause_nobody_answers_rolls_back_at_the_end_of_the_window(
     spec_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "extend"}, {"candidate": "v2"})
-    assert rec.calls == ["preflight", "set_traffic:5", "set_traffic:50", "pause", "report"]
-    assert states["step_2.to_pause"] == "success" and states["pause"] == "success"
-    assert states["rollback"] == "skipped" and states["promote"] == "skipped" and states["fail_safe"] == "skipped"
-    assert state == "success"
+    """The decision window is the run's hold.max_wait (3 s here, from the trigger form); then the scheduler's
+    timeout sweep applies the default, Roll back, and the run ends failed like any rollback."""
+    person = PauseAnswer("canary_rollout__wire", None)
+    person.start()
+    started = time.monotonic()
+    state, states, rec = run(spec_path, monkeypatch, {1: "advance", 2: "extend"},
+                             {"candidate": "v2", "hold_min_duration": 1, "hold_max_wait": 3})
+    person.join(5)
+    assert person.error is None, person.error
+    assert rec.calls[:5] == ["preflight", "set_traffic:5", "set_traffic:50", "pause", "rollback"]
+    assert "promote" not in rec.calls
+    assert states["decide_pause"] == "success" and states["rollback"] == "failed" and states["promote"] == "skipped"
+    assert rec.answers["rollback"]["timed_out"] is True and rec.answers["rollback"]["responded_by"] is None
+    assert state == "failed"
+    assert time.monotonic() - started >= 3
 
 
 def test_trigger_params_can_shorten_the_steps(spec_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
