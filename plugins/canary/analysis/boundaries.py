@@ -9,6 +9,13 @@ function ``alpha(t)``, the boundary ``b_k`` is the value with
 computed by recursive numerical integration of the density of ``S`` on the continuation region
 (Armitage, McPherson and Rowe 1969; Jennison and Turnbull 2000, chapter 19). Boundaries only depend on the
 information fractions, so they are cached per sequence.
+
+The walk's time and the spending argument are usually the same fraction. They come apart when the data
+run past the planned maximum information before the last look: the correlation between looks is still
+given by the actual information (``times``, which may exceed 1), while the alpha to spend is a fraction
+that must stay below 1 until the final look (``fractions``). Any increasing sequence chosen without
+looking at the outcomes keeps the overall level, because each boundary is solved for its own increment
+given the boundaries actually used before it.
 """
 
 from __future__ import annotations
@@ -87,21 +94,35 @@ class _Walk:
         self.t, self.grid, self.dens = t, grid, dens * w
 
 
-def _round2(t: float) -> float:
-    t = min(max(float(t), 1e-4), 1.0)
-    return round(t, 1 - int(math.floor(math.log10(t))))
+def _round3(t: float, hi: float = 1.0) -> float:
+    """Three significant digits, clipped to ``[1e-4, hi]``."""
+    t = min(max(float(t), 1e-4), hi)
+    return round(t, 2 - int(math.floor(math.log10(t))))
 
 
-@lru_cache(maxsize=4096)
-def _bounds_cached(fractions: tuple[float, ...], alpha: float, kind: str, gamma: float) -> tuple[float, ...]:
+def _rounded_increasing(values: tuple[float, ...] | list[float], hi: float = 1.0) -> tuple[float, ...]:
+    """Rounded values (:func:`_round3`) that stay strictly increasing where the raw values increase: two
+    looks 0.3412 and 0.3414 must not become one look (the second would get an infinite boundary)."""
+    out: list[float] = []
+    for i, v in enumerate(values):
+        r = _round3(v, hi)
+        if out and r <= out[-1] and float(v) > float(values[i - 1]):
+            r = min(hi, out[-1] + 10.0 ** (math.floor(math.log10(out[-1])) - 2))
+        out.append(r)
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def _bounds_cached(fractions: tuple[float, ...], times: tuple[float, ...], alpha: float, kind: str,
+                   gamma: float) -> tuple[float, ...]:
     walk = _Walk()
     out: list[float] = []
     spent = 0.0
-    for t in fractions:
+    for s, t in zip(fractions, times, strict=True):
         if t <= walk.t + 1e-9:  # no new information: nothing new to spend
             out.append(math.inf)
             continue
-        target = spending(t, alpha, kind, gamma) - spent
+        target = spending(s, alpha, kind, gamma) - spent
         if target <= 1e-12:
             b = math.inf
         else:
@@ -121,16 +142,23 @@ def _bounds_cached(fractions: tuple[float, ...], alpha: float, kind: str, gamma:
 
 
 def boundaries(fractions: list[float] | tuple[float, ...], alpha: float, kind: str = "pocock",
-               gamma: float = -2.0) -> list[float]:
+               gamma: float = -2.0, times: list[float] | tuple[float, ...] | None = None) -> list[float]:
     """Upper z boundaries for looks at the given information fractions (increasing, in (0, 1]).
 
-    Fractions are rounded to two significant digits (0.0123 -> 0.012, 0.347 -> 0.35) so that nearby
-    sequences share the cache; the spending at a rounded fraction differs from the exact one by at most a
-    few percent of that look's increment. A look that adds no information gets an infinite boundary (it
-    cannot reject).
+    ``times``: the looks' actual information on the same scale (increasing; may exceed 1 when the data ran
+    past the plan); default the fractions themselves. The boundary at look k spends
+    ``spending(fractions[k]) - spending(fractions[k-1])`` with the looks correlated as ``times`` say.
+
+    Values are rounded to three significant digits (0.01234 -> 0.0123) so that re-runs and nearby sequences
+    share the cache, and kept strictly increasing where the raw values increase; the spending at a rounded
+    fraction differs from the exact one by a fraction of a percent of that look's increment. A look that
+    adds no information gets an infinite boundary (it cannot reject).
     """
-    fr = tuple(_round2(t) for t in fractions)
-    return list(_bounds_cached(fr, float(alpha), kind, float(gamma)))
+    fr = _rounded_increasing(tuple(fractions))
+    tm = fr if times is None else _rounded_increasing(tuple(times), hi=1e6)
+    if len(tm) != len(fr):
+        raise ValueError(f"times has {len(tm)} looks and fractions {len(fr)}: give one time per look")
+    return list(_bounds_cached(fr, tm, float(alpha), kind, float(gamma)))
 
 
 def crossing_probability(bounds: list[float], fractions: list[float], drift: float = 0.0) -> float:

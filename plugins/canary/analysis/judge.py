@@ -13,7 +13,11 @@ Per metric (see ``docs/decisions.md`` for the reasoning and the benchmark):
   hold. **Extend** otherwise; at the cap the caller applies ``on_inconclusive``.
 
 The information fraction of a metric is its canary sample count over ``planned_canary_samples`` (or the
-look index over ``planned_looks``). A metric that cannot be tested yet (too few samples, or fewer than
+look index over ``planned_looks``). When traffic runs past the plan before the final look (the fraction
+would pass 1 while steps remain), each further look before the last step spends half of the remaining
+spending fraction (e.g. 0.6 -> 0.8 -> 0.9) while the boundaries use the actual information for the
+correlation between looks; so harm can still be rolled back at every later step. The last step spends the
+rest (t = 1) once it reaches the planned information, or at its final look (the cap). A metric that cannot be tested yet (too few samples, or fewer than
 ``policy.min_clusters`` time clusters of ``policy.cluster_seconds`` per arm) spends no alpha at that look. The look history keeps the fractions and boundaries, so a re-run gives the same
 answer.
 """
@@ -49,6 +53,16 @@ class LookHistory:
             t = look.get("metrics", {}).get(metric, {}).get("t")
             if t is not None:
                 out.append(float(t))
+        return out
+
+    def times(self, metric: str) -> list[float]:
+        """Actual information (``u``: canary samples over the plan, may exceed 1) of the same looks as
+        :meth:`fractions`; histories written before it existed have ``u == t``."""
+        out = []
+        for look in self.looks:
+            rec = look.get("metrics", {}).get(metric, {})
+            if rec.get("t") is not None:
+                out.append(float(rec["u"] if rec.get("u") is not None else rec["t"]))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,10 +139,23 @@ class Verdict:
         return verdict_text(self.to_dict())
 
 
-def _fraction(policy: Policy, n_canary: int, look: int) -> float:
+def _information(policy: Policy, n_canary: int, look: int) -> float:
+    """Canary samples over the plan (or looks over the planned looks); not capped: may exceed 1."""
     if policy.planned_canary_samples:
-        return min(1.0, n_canary / policy.planned_canary_samples)
-    return min(1.0, (look + 1) / policy.planned_looks)
+        return n_canary / policy.planned_canary_samples
+    return (look + 1) / policy.planned_looks
+
+
+def _spending_fraction(u: float, prev_t: float | None, final: bool, last_step: bool) -> float:
+    """The spending argument of this look: the information fraction while it is below 1; 1 at the final
+    look, and on the last step once the planned information is reached (the plan's final analysis); past
+    the plan on an earlier step half of what is left to spend, so every later step can still test."""
+    prev = prev_t or 0.0
+    if final or (last_step and u >= 1.0):
+        return 1.0
+    if u < 1.0:
+        return max(u, prev)
+    return prev + (1.0 - prev) / 2.0
 
 
 def judge(observations: Any, policy: Policy, history: LookHistory | dict | None = None,
@@ -181,18 +208,19 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
         if not math.isfinite(c.se) or c.se <= 0:
             ev.note = "not tested: no variation in either arm yet"
             continue
-        prev = hist.fractions(m.name)
-        t = 1.0 if final_look and is_last_step else max(_fraction(policy, c.n_canary, look),
-                                                          prev[-1] if prev else 0.0)
-        fr = [*prev, t]
+        prev, prev_u = hist.fractions(m.name), hist.times(m.name)
+        u = max(_information(policy, c.n_canary, look), prev_u[-1] if prev_u else 0.0)
+        t = _spending_fraction(u, prev[-1] if prev else None, final_look and is_last_step, is_last_step)
+        fr, tm = [*prev, t], [*prev_u, u]
         ev.tested, ev.information = True, t
-        ev.b_rollback = boundaries(fr, a_rb, policy.rollback_spending, policy.hsd_gamma)[-1]
-        ev.b_promotion = boundaries(fr, policy.alpha_promotion, policy.promotion_spending, policy.hsd_gamma)[-1]
+        ev.b_rollback = boundaries(fr, a_rb, policy.rollback_spending, policy.hsd_gamma, times=tm)[-1]
+        ev.b_promotion = boundaries(fr, policy.alpha_promotion, policy.promotion_spending, policy.hsd_gamma,
+                                    times=tm)[-1]
         ev.harm = c.z_harm >= ev.b_rollback
         ev.non_inferior = c.z_ni >= ev.b_promotion
         q = ev.b_promotion if math.isfinite(ev.b_promotion) else 3.0
         ev.interval = (c.diff - q * c.se, c.diff + q * c.se)
-        record[m.name] = {"t": t, "b_rollback": ev.b_rollback, "b_promotion": ev.b_promotion}
+        record[m.name] = {"t": t, "u": u, "b_rollback": ev.b_rollback, "b_promotion": ev.b_promotion}
         if m.critical and policy.circuit_breaker_enabled:
             tau = max(abs(c.stable_mean), c.margin_abs, 4 * c.se)
             ev.breaker = circuit_breaker(m.sign * c.diff, c.se**2, tau, policy.circuit_breaker_alpha)
