@@ -33,10 +33,17 @@ Window = tuple[int, float, datetime, datetime]
 
 
 @contextmanager
-def _connect(bind: Any):
-    """Yield a Connection from an Engine or pass a Connection through (never closing the caller's)."""
+def _connect(bind: Any, snapshot: bool = False):
+    """Yield a Connection from an Engine or pass a Connection through (never closing the caller's).
+
+    ``snapshot``: on PostgreSQL a connection of our own reads in one REPEATABLE READ snapshot, so the look's
+    statements (the scan and the late-label correction) see the same rows; under READ COMMITTED a label
+    arriving between them would be counted twice or not at all.
+    """
     if hasattr(bind, "connect") and not hasattr(bind, "execute"):
         with bind.connect() as conn:
+            if snapshot and conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
     else:
         yield bind
@@ -484,7 +491,7 @@ def look_stats(bind: Any, model: str, windows: list[Window], policy: Policy, loo
     windows = _check_windows(windows)
     thresholds = dict(thresholds or {})
     look_at = look_at.replace(tzinfo=None)
-    with _connect(bind) as conn:
+    with _connect(bind, snapshot=True) as conn:
         dialect = conn.dialect.name
         _bucket(dialect)  # names an unsupported database before any query
         have = log_columns(conn) if denormalized is None else set()
