@@ -177,3 +177,25 @@ def test_post_deploy_hold_and_drift_check_after_promotion(make_plan, gateway, ro
     assert drift["reference_rows"] == 80 and drift["current_rows"] >= 60
     assert "amount" in drift["drifted"], drift
     assert "hour" not in drift["drifted"]
+
+
+def test_fail_safe_clears_only_a_route_generation_this_run_wrote(make_plan, router_conn, stable_traffic):
+    """The generation check the DAG's failure callback relies on (it reads the generations from the run's
+    XComs): the same version re-set by someone else under a new generation is not this run's canary."""
+    hook = TrafficRouterHook(router_conn)
+    plan = make_plan({"candidate": "v2", "steps": [5, 50]})
+    pre = runtime.preflight(plan)
+    mine = runtime.set_traffic(plan, pre, 1, None)["route"]
+    written = {mine["generation"]: mine["canary_percent"]}
+    # a lease expiry, then another rollout of the same version
+    hook.set_route("fraud", stable="v1", canary=None, canary_percent=0, if_generation=mine["generation"])
+    theirs = hook.set_route("fraud", stable="v1", canary="v2", canary_percent=5, lease_seconds=60,
+                            if_generation=mine["generation"] + 1)
+    out = runtime.fail_safe(plan, None, "test", generations=written)
+    assert out["changed"] is False and hook.get_route("fraud") == theirs
+    # the same generation with another share is not what this run wrote either
+    out = runtime.fail_safe(plan, None, "test", generations={theirs.generation: 50.0})
+    assert out["changed"] is False and hook.get_route("fraud") == theirs
+    # at a generation and share the run wrote, the canary is cleared
+    out = runtime.fail_safe(plan, None, "test", generations={theirs.generation: 5.0})
+    assert out["changed"] is True and hook.get_route("fraud").canary_percent == 0
