@@ -37,6 +37,8 @@ __all__ = [
     "latest_analysis",
     "rollback",
     "pause",
+    "pause_question",
+    "format_seconds",
     "promote",
     "drift_check",
     "report",
@@ -54,6 +56,7 @@ __all__ = [
     "worst_segments",
     "json_safe",
     "HoldSettings",
+    "XComUnreadable",
     "PLAN_VERSION",
     "MANUAL_RUN_TYPES",
 ]
