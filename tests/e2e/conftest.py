@@ -38,6 +38,7 @@ PG_URL = os.environ.get("CANARY_TEST_PG_URL", "postgresql+psycopg2://postgres@12
 E2E_TIMINGS: dict[str, Any] = {
     "steps": [10, 50],
     "hold": {"min_duration": 5, "min_samples": 40, "max_wait": 150, "poll_interval": 1},
+    "clusters": {"width": 10, "min_per_arm": 3},  # holds of seconds need clusters of seconds (docs/spec.md)
     "lease": 20,
     "deadline": 600,
     "post_deploy": {"window": 3, "min_samples": 20},
@@ -72,6 +73,7 @@ def write_e2e_spec(folder: Path, drop_metrics: tuple[str, ...] = (), **changes: 
     t = E2E_TIMINGS
     spec["steps"] = list(t["steps"])
     spec["hold"] = dict(t["hold"])
+    spec["clusters"] = dict(t["clusters"])
     spec["lease"], spec["deadline"] = t["lease"], t["deadline"]
     spec["post_deploy"] = dict(t["post_deploy"])
     for metric in spec.get("metrics", []):
