@@ -397,7 +397,8 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     ~1 ms per call against ~0.2 ms for stable's logistic regression) is rolled back on ``latency_p95_exceed``
     harm on this machine; a candidate with no errors can never advance while the critical ``error_rate`` is
     "not tested: no variation in either arm" (zero errors in both arms); and the judge tests a metric only
-    after three minute-clusters per arm, so two steps plus the post-deploy hold overrun the 6-minute budget.
+    after three clusters per arm (a minute each by default), so two steps plus the post-deploy hold overrun
+    the 6-minute budget.
     """
     token = stack.token()
     wait_for(lambda: _get(stack, token, f"/api/v2/dags/{DAG_ID}").status_code == 200,
