@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("plugins", "include"):
+for sub in ("tests", "plugins", "include"):  # tests/: helpers shared by test folders (pause_answer)
     p = str(REPO / sub)
     if p not in sys.path:
         sys.path.insert(0, p)
