@@ -989,23 +989,29 @@ def analyze(
                     data_quality=dq, drift=drift, final_look=final_look)
     out = verdict.to_dict()
     breaker = steps_so_far[-1].get("breaker")
-    if breaker and out["decision"] != "rollback":
+    if breaker:
         # The hold's always-valid breaker (mSPRT on the step's error counts, canary.analysis.gates) tripped:
-        # valid at any time, so it stands even when the look has too few clusters to test the metric.
-        out["decision"] = "rollback"
-        out["reason"] = (
+        # valid at any time, so it stands even when the look has too few clusters to test the metric. When
+        # the judge rolls back too, both reasons are given: the breaker is what ended the hold early.
+        tripped = (
             f"circuit breaker during the hold of step {steps_so_far[-1]['step_index']} on {breaker.get('metric')}: "
             f"canary {breaker['canary'][0]}/{breaker['canary'][1]} errors vs stable "
             f"{breaker['stable'][0]}/{breaker['stable'][1]} (log LR {breaker['log_lr']:.3g} >= "
-            f"{breaker['threshold']:.3g}); the judge alone said: {verdict.reason}"
+            f"{breaker['threshold']:.3g})"
         )
+        if out["decision"] == "rollback":
+            out["reason"] = f"{verdict.reason}; and the {tripped}, which ended the hold early"
+        else:
+            out["decision"] = "rollback"
+            out["reason"] = f"{tripped}; the judge alone said: {verdict.reason}"
         out["circuit_breaker"] = breaker
     header = (f"{_model(plan)} {pre['stable']} -> {pre['candidate']}, step {steps_so_far[-1]['step_index']}/"
               f"{len(spec['steps'])} at {steps_so_far[-1].get('percent')}%, window "
               f"{steps_so_far[-1]['step_started_at']} .. {steps_so_far[-1]['look_at']}")
     record = header + "\n" + verdict.to_text()
     if out.get("circuit_breaker"):
-        record += f"\nOVERRIDDEN -> ROLLBACK: {out['reason']}"
+        record += (f"\nOVERRIDDEN -> ROLLBACK: {out['reason']}" if verdict.decision != "rollback"
+                   else f"\nALSO: the hold's {out['reason'].split('; and the ', 1)[-1]}")
     return json_safe({"verdict": out, "history": verdict.history.to_dict(), "record": record})
 
 

@@ -85,6 +85,8 @@ def test_broken_candidate_is_rolled_back_by_data_quality_even_with_retried_tasks
     # v4 is broken twice over: NaN scores (data quality) and errors on country 4 (which the hold's circuit
     # breaker may catch first). Either way the look's data-quality check failed and the root cause says so.
     assert "data quality" in rolled["reason"] or "circuit breaker" in rolled["reason"], rolled["reason"]
+    if (result.xcoms.get("step_1.hold") or {}).get("breaker"):  # the breaker ended the hold: the reason says so
+        assert "circuit breaker during the hold of step 1" in rolled["reason"], rolled["reason"]
     assert any("score" in str(f) for f in rolled["root_cause"]["data_quality_failures"]), rolled["root_cause"]
 
     assert set(first_try) == {"step_1.set_traffic", "step_1.analyze"}, "both faults were injected"
