@@ -278,6 +278,14 @@ def _check_interface(estimator: Any, kind: str) -> list | None:
             f"kind='classifier': {type(estimator).__name__} has neither predict_proba() nor predict(); "
             "register a fitted estimator or a wrapper object with one of them"
         )
+    if classes is None and not has_proba:
+        # a regressor registered as a classifier would answer values as "classes" and no score: every label
+        # metric (mistake rate) would then compare a price with a 0/1 label
+        raise RegistrationError(
+            f"kind='classifier': {type(estimator).__name__} has neither classes_ nor predict_proba(), so it "
+            "looks like a regressor; use --kind regressor, or register a classifier (scikit-learn classifiers "
+            "have classes_)"
+        )
     if classes is not None:
         classes = list(classes)
         if not all(_is_number(c) for c in classes):

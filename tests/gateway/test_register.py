@@ -134,6 +134,7 @@ def test_production_archives_the_previous_production_version(artifacts, tmp_path
         ({"artifact": "not_a_model"}, r"neither predict_proba\(\) nor predict\(\)"),
         ({"artifact": "strings"}, r"classes_=\['leaves', 'stays'\].*not numbers.*0/1"),
         ({"kind": "regressor"}, r"has predict_proba.*--kind classifier"),
+        ({"artifact": "ridge", "features": FEATURES}, r"neither classes_ nor predict_proba.*--kind regressor"),
         ({"eval_csv": "holdout"}, r"give both --eval-csv and --label-column"),
         ({"eval_csv": "holdout", "label_column": "churn"}, r"missing column\(s\) \['churn'\].*--label-column"),
         ({"eval_csv": "holdout", "label_column": "customer_id"}, r"column 'customer_id' is not numeric"),
