@@ -102,7 +102,9 @@ def _print_result(result, index: int) -> None:
     if result.steps:
         print("    traffic steps: " + " -> ".join(f"{p:g} %" for p in result.steps))
     for look in result.looks:
-        print(f"    step {look.step}: {str(look.decision).upper()}: {look.reason}")
+        took = f"{look.count} look{'s' if look.count != 1 else ''}" + (
+            f", {look.seconds:.0f} s" if look.seconds is not None else "")
+        print(f"    step {look.step} ({took}): {str(look.decision).upper()}: {look.reason}")
     if result.outcome == "rolled_back":
         print(f"    rollback reason: {result.reason}")
     route = result.route

@@ -35,6 +35,8 @@ class Look:
     decision: str | None
     reason: str | None
     record: str | None
+    count: int = 1  # looks the step took (each extend is one more)
+    seconds: float | None = None  # from the step's start to its deciding look
 
 
 @dataclass
@@ -193,6 +195,17 @@ def _latest_run(dag_id: str) -> tuple[str, Any] | None:
         return (run.run_id, run.state) if run is not None else None
 
 
+def _step_seconds(xcoms: dict[str, Any], analyze_task: str, value: dict[str, Any]) -> float | None:
+    """Seconds from the step's traffic change to its deciding look (None when a time is missing)."""
+    from canary.hooks.timeutil import parse_ts
+
+    started = (xcoms.get(analyze_task.replace(".analyze", ".set_traffic")) or {}).get("step_started_at")
+    try:
+        return (parse_ts(value["look_at"]) - parse_ts(started)).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _errors_in_log(path: Path, since: int) -> list[str]:
     """First line of every distinct exception the run's tasks raised (from the log written since ``since``)."""
     try:
@@ -244,7 +257,8 @@ def run_case(
         value = xcoms[task_id] or {}
         verdict = value.get("verdict") or {}
         looks.append(Look(int(_STEP_ANALYZE.match(task_id)[1]), verdict.get("decision"), verdict.get("reason"),
-                          value.get("record")))
+                          value.get("record"), int(value.get("look_count") or 1), _step_seconds(xcoms, task_id,
+                                                                                               value)))
     steps = []
     for task_id in sorted((t for t in xcoms if _STEP_SET.match(t)), key=lambda t: int(_STEP_SET.match(t)[1])):
         value = xcoms[task_id] or {}

@@ -133,7 +133,8 @@ class AnalyzeOperator(BaseOperator):
             result = runtime.analyze(plan, pre, steps, hist, final_look=at_cap)
             decision = result["verdict"]["decision"]
             looks.append({"look_at": iso(look_at), "verdict": result["verdict"], "record": result["record"]})
-            self.log.info("decision record, step %s look %d:\n%s", self.step_index, look, result["record"])
+            self.log.info("decision record, step %s, look %d of this step (the record counts the run's looks):"
+                          "\n%s", self.step_index, look + 1, result["record"])
             if decision != "extend" or at_cap:
                 if decision == "extend":
                     self.log.info(
