@@ -131,7 +131,8 @@ def validate(
 #: be before pre-flight stops the run. Offline metrics come from different held-out sets (a candidate trained
 #: on other data is evaluated on its own), so this is a sanity gate that stops a clearly broken candidate
 #: (AUC near 0.5, a loss that doubled) before it sees traffic; the online comparison decides the rest.
-#: A plan's spec may carry ``offline_gate: {metric: {direction, margin, margin_type}}`` to tighten it.
+#: Fixed for now (not a spec field); documented in docs/spec.md, "Pre-flight checks". A candidate without
+#: eval metrics in its metadata is not gated (the checks are listed as skipped in the log).
 OFFLINE_GATE: dict[str, dict[str, Any]] = {
     "accuracy": {"direction": "increase", "margin": 0.2, "margin_type": "absolute"},
     "auc": {"direction": "increase", "margin": 0.2, "margin_type": "absolute"},
@@ -641,6 +642,58 @@ def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any
     return "\n".join(lines)
 
 
+# The columns the data-quality rows carry besides the candidate's logged features (see _feature_frames).
+DQ_LOG_COLUMNS = ("arm", "version", "unit_id", "prediction", "score", "status", "latency_ms")
+
+
+def _preflight_data_quality(plan: dict[str, Any], candidate: str, stable: str, cand_meta: dict[str, Any],
+                            stable_meta: dict[str, Any]) -> None:
+    """Load the spec's data-quality suite and check the columns it names before any traffic moves.
+
+    Without this a typo in the suite surfaces only at the first look: an unknown expectation type is dropped by
+    GX (the check silently shrinks), and a column the rows lack fails every look and rolls back a good
+    candidate. The canary's rows have the candidate's features (the gateway logs the features of the version
+    that served) plus :data:`DQ_LOG_COLUMNS`.
+    """
+    name = (_spec(plan).get("data_quality") or {}).get("suite")
+    if not name:
+        return
+    from canary.analysis import quality
+
+    try:
+        suite = quality.load_suite(name)
+    except (ValueError, OSError) as exc:
+        raise _fail(f"pre-flight refused: data_quality.suite={name!r} cannot run: {exc}\nNothing was changed.") from exc
+    except ImportError as exc:
+        raise _fail(f"pre-flight refused: data_quality.suite={name!r} needs Great Expectations 1.x, which does not "
+                    f"import here ({exc}). Install it in the worker image or set data_quality.suite: null. "
+                    "Nothing was changed.") from exc
+    model = _model(plan)
+    features = [str(f) for f in cand_meta.get("features") or []]
+    if not features:
+        _log("data quality: %s/%s lists no features; the columns of suite %s are checked at the first look only",
+             model, candidate, name)
+        return
+    unknown = quality.unknown_columns(suite, features + [c for c in DQ_LOG_COLUMNS if c not in features])
+    if unknown:
+        stable_only = {str(f) for f in stable_meta.get("features") or []} - set(features)
+        lines = []
+        for u in unknown:
+            why = (f"a feature of stable {stable} only, and the canary's rows carry the candidate's features"
+                   if u["column"] in stable_only else "no such column in the canary's rows")
+            hint = f"; did you mean {u['suggestion']!r}?" if u["suggestion"] else ""
+            lines.append(f"expectations[{u['index']}] {u['expectation']}({u['column']}): {why}{hint}")
+        raise _fail(
+            f"pre-flight refused: data-quality suite {name!r} ({quality.suite_path(name)}) names column(s) the "
+            "canary's rows will not have:\n  " + "\n  ".join(lines) + f"\nThe rows have the features of {model} "
+            f"{candidate} ({', '.join(features)}) and the log columns {', '.join(DQ_LOG_COLUMNS)}. Nothing was "
+            "changed. Fix: correct the column name in the suite file (or drop that expectation) and trigger again; "
+            "left as is, it would fail every look and roll back a good candidate."
+        )
+    _log("data quality: suite %s, %d expectations, every column it names is in the canary's rows",
+         name, len(suite["expectations"]))
+
+
 def preflight(plan: dict[str, Any]) -> dict[str, Any]:
     """Check the candidate before any traffic moves and record the baseline.
 
@@ -696,6 +749,7 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
         raise _fail(f"pre-flight: candidate {model}/{candidate} does not load at the gateway: "
                     f"{cand_meta.get('error') or 'unknown error'}. Fix the artifact or its metadata.")
     stable_meta = router.get_version(model, stable)
+    _preflight_data_quality(plan, candidate, stable, cand_meta, stable_meta)
     gate = offline_gate(stable_meta.get("eval_metrics") or {}, cand_meta.get("eval_metrics") or {},
                         spec.get("offline_gate") or None)
     gate_text = "; ".join(
