@@ -280,6 +280,17 @@ def _xcom(task_id: str, key: str = "return_value") -> Any:
         return None
 
 
+def _plan_of_invalid_run() -> dict[str, Any]:
+    """What the report can know of a run whose ``validate`` failed: its model (from the DAG id) and run id,
+    so the report is ``<model>/<model>__<run id>.html`` and not one file every failed validation overwrites."""
+    from canary.dag_factory import DAG_ID_PREFIX  # here: dag_factory imports this module
+
+    ctx = _context() or {}
+    dag_id = str(getattr(ctx.get("dag"), "dag_id", "") or "")
+    model = dag_id[len(DAG_ID_PREFIX):] if dag_id.startswith(DAG_ID_PREFIX) else dag_id or None
+    return {"run_id": ctx.get("run_id"), "spec": {"model": model} if model else {}}
+
+
 class XComUnreadable(RuntimeError):
     """This process can read no XCom of the run (a DAG callback without Task SDK comms or metadata DB)."""
 
@@ -1517,7 +1528,8 @@ def report(plan: dict[str, Any] | None, **upstream: Any) -> dict[str, Any]:
     """
     from canary.report import build_run, write_report
 
-    plan = plan or {}
+    invalid = not plan
+    plan = plan or _plan_of_invalid_run()
     pre = upstream.get("pre") or _xcom("preflight")
     n = len((plan.get("spec") or {}).get("steps") or [])
     steps = upstream.get("steps") or [_xcom(f"step_{i}.set_traffic") for i in range(1, n + 1)]
@@ -1539,6 +1551,9 @@ def report(plan: dict[str, Any] | None, **upstream: Any) -> dict[str, Any]:
         outcome, reason, final = "paused", paused.get("reason"), None
     elif failed or upstream.get("failed"):
         outcome, reason, final = "failed", (failed or {}).get("reason") or "a task failed", 0.0
+    elif invalid:
+        outcome, reason, final = ("failed", "the trigger conf or the spec did not validate: the validate task's "
+                                  "log names the field, the value and the fix; traffic was not touched", None)
     elif not pre and plan:
         outcome, reason, final = "skipped", "pre-flight did not pass (see its log)", None
     else:

@@ -36,5 +36,10 @@ def test_bad_confs_fail_before_any_route_change(make_stack):
             assert "step_1.set_traffic:intent" not in result.xcoms, f"{title}: set_traffic was attempted"
             fail_safe = result.xcoms.get("fail_safe:fail_safe") or {}
             assert fail_safe.get("changed") is False, f"{title}: {fail_safe}"
+            report = result.xcoms.get("report") or {}
+            assert report.get("outcome") in ("failed", "skipped"), f"{title}: {report}"
+            # named after the model and this run, even when validate failed (not one shared file)
+            assert report["path"].endswith(".html") and "/fraud/fraud__" in report["path"], report
+            assert "None" not in report["path"].rsplit("/", 1)[-1], report
         after = stack.route()
         assert after == before, f"{title}: the route changed: {before} -> {after}"
