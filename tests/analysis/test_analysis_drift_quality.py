@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,3 +101,43 @@ def test_suite_names_are_validated():
     with pytest.raises(FileNotFoundError, match="no file"):
         load_suite("no_such_model")
     assert load_suite("eta")["name"] == "eta"
+
+
+def _suite_file(tmp_path, name, change):
+    suite = load_suite("fraud")
+    suite["name"] = name
+    change(suite["expectations"])
+    (tmp_path / f"{name}.json").write_text(json.dumps(suite))
+
+
+def test_suite_with_an_unknown_type_or_bad_kwargs_is_refused_with_the_fix(tmp_path):
+    def typo(exps):
+        exps[12]["type"] = "expect_column_value_to_be_between"  # GX would log and drop it: 19 of 20 checks
+        exps[13]["kwargs"].pop("column")
+        exps[14]["kwargs"]["min_vlaue"] = exps[14]["kwargs"].pop("min_value")
+    _suite_file(tmp_path, "typo", typo)
+    with pytest.raises(ValueError) as info:
+        load_suite("typo", tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "typo.json") in message and "3 invalid expectation(s)" in message
+    assert ("expectations[12]: unknown expectation type 'expect_column_value_to_be_between'; did you mean "
+            "'expect_column_values_to_be_between'? fix the type in the suite file") in message
+    assert "expectations[13] (expect_column_values_to_be_in_set)" in message and "column: field required" in message
+    assert "min_vlaue: extra fields not permitted" in message
+    with pytest.raises(ValueError, match="unknown expectation type"):  # a suite given as a dict is checked too
+        validate(_fraud_rows(10), json.loads((tmp_path / "typo.json").read_text()))
+    assert load_suite("typo", tmp_path, check=False)["name"] == "typo"  # the plain read stays available
+
+
+def test_an_expectation_that_errors_is_a_failure_and_stays_in_the_count(tmp_path):
+    def erroring(exps):
+        exps.append({"type": "expect_column_values_to_match_regex", "kwargs": {"column": "hour", "regex": "[0-"}})
+        exps.append({"type": "expect_column_mean_to_be_between", "kwargs": {"column": "size_sqft", "min_value": 0}})
+    _suite_file(tmp_path, "erroring", erroring)
+    res = validate(_fraud_rows(), "erroring", directory=tmp_path)
+    assert res["evaluated"] == len(load_suite("erroring", tmp_path)["expectations"]) == 22
+    assert not res["success"] and len(res["failures"]) == 2
+    by = {f["expectation"]: f for f in res["failures"]}
+    assert by["expect_column_values_to_match_regex"]["observed"].startswith("error: ")
+    assert by["expect_column_mean_to_be_between"]["column"] == "size_sqft"
+    assert "size_sqft" in by["expect_column_mean_to_be_between"]["observed"]
