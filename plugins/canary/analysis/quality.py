@@ -1,8 +1,9 @@
 """Data quality of the canary's logged predictions with Great Expectations 1.x.
 
 Suites live in ``include/expectations/<suite>.json`` (GX suite JSON: ``name`` and ``expectations`` with
-``type`` and ``kwargs``). Great Expectations is imported inside :func:`validate` (it takes seconds to import,
-and DAG files must stay cheap to parse); the context is ephemeral (nothing written to disk) and usage
+``type`` and ``kwargs``); :func:`load_suite` resolves every expectation with GX (:func:`check_suite`) because
+GX itself only logs and drops an unknown type. Great Expectations is imported inside functions (it takes
+seconds to import, and DAG files must stay cheap to parse); the context is ephemeral (nothing written to disk) and usage
 statistics are off (``GX_ANALYTICS_ENABLED=False``). The rows are a bounded random sample of the canary's
 window (``canary.analysis.sql.sample_rows``, ``data_quality.sample_size`` rows, 5,000 by default), so one
 validation takes well under a second.
@@ -110,9 +111,9 @@ def check_suite(suite: dict[str, Any], where: str | None = None) -> int:
     :returns: the number of expectations (all of them build).
     """
     where = where or f"suite {suite.get('name')!r}"
+    known = sorted(expectation_classes())  # imports GX with GX_ANALYTICS_ENABLED=False first
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    known = sorted(expectation_classes())
     problems = []
     for i, entry in enumerate(suite.get("expectations") or []):
         at = f"expectations[{i}]"
