@@ -1076,7 +1076,7 @@ def analyze(
     record = header + "\n" + verdict.to_text()
     if out.get("circuit_breaker"):
         record += (f"\nOVERRIDDEN -> ROLLBACK: {out['reason']}" if verdict.decision != "rollback"
-                   else f"\nALSO: the hold's {out['reason'].split('; and the ', 1)[-1]}")
+                   else f"\nROLLBACK, with the hold's circuit breaker: {out['reason']}")
     return json_safe({"verdict": out, "history": verdict.history.to_dict(), "record": record})
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import write_e2e_spec
+
 
 def _assert_rolled_back(stack, result, *, reason_has: str) -> None:
     assert result.state == "failed", result.summary()
@@ -51,14 +53,18 @@ def test_worse_candidate_is_rolled_back_with_postgres_log(make_stack):
     assert worse["canary"] > worse["stable"], worse  # every metric here is "lower is better"
 
 
-def test_broken_candidate_is_rolled_back_by_data_quality_even_with_retried_tasks(make_stack):
+def test_broken_candidate_is_rolled_back_by_data_quality_even_with_retried_tasks(make_stack, tmp_path):
     """v4 gives NaN scores above an amount cap: data quality rolls it back at its first look. On the way, the
     first try of step_1.set_traffic changes the route and then fails, and the first try of step_1.analyze
     decides and then fails: their retries find the change in place (no second step, same start time) and
     reach the same verdict from the same recorded windows."""
     from datetime import timedelta
 
-    stack = make_stack("sqlite")
+    # Only the label metric stays in this test's spec: v4 is also slower (+6 ms) and fails on country 4,
+    # and with 10 s clusters the latency or error-rate harm is shown at the first look, often before a NaN
+    # score is among the few canary rows. Here data quality is what must catch it.
+    rollouts = write_e2e_spec(tmp_path / "dq_rollouts", drop_metrics=("error_rate", "latency_p95_exceed"))
+    stack = make_stack("sqlite", rollouts=rollouts)
     stack.start_traffic()
     first_try: dict[str, object] = {}
 
@@ -82,11 +88,7 @@ def test_broken_candidate_is_rolled_back_by_data_quality_even_with_retried_tasks
     result = stack.run({"candidate": "v4"}, instrument=instrument)
     _assert_rolled_back(stack, result, reason_has="")
     rolled = result.xcoms["rollback:rollback"]
-    # v4 is broken twice over: NaN scores (data quality) and errors on country 4 (which the hold's circuit
-    # breaker may catch first). Either way the look's data-quality check failed and the root cause says so.
-    assert "data quality" in rolled["reason"] or "circuit breaker" in rolled["reason"], rolled["reason"]
-    if (result.xcoms.get("step_1.hold") or {}).get("breaker"):  # the breaker ended the hold: the reason says so
-        assert "circuit breaker during the hold of step 1" in rolled["reason"], rolled["reason"]
+    assert "data quality failed on the canary's rows" in rolled["reason"], rolled["reason"]
     assert any("score" in str(f) for f in rolled["root_cause"]["data_quality_failures"]), rolled["root_cause"]
 
     assert set(first_try) == {"step_1.set_traffic", "step_1.analyze"}, "both faults were injected"

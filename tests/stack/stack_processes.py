@@ -182,6 +182,7 @@ def airflow_environment(compose_service: Mapping[str, Any], values: Mapping[str,
         "AIRFLOW_CONN_CANARY_GATEWAY": json.dumps(gateway_conn),
         "AIRFLOW_CONN_CANARY_PREDICTION_LOG": json.dumps(log_conn),
         "CANARY_ROLLOUTS_DIR": str(rollouts_dir),
+        "CANARY_EXPECTATIONS_DIR": str(REPO / "include" / "expectations"),  # the image's copy of include/
         "CANARY_REPORT_DIR": str(home / "reports"),
         "PYTHONPATH": f"{REPO / 'include'}:{REPO / 'plugins'}",
     }

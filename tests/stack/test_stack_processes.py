@@ -426,7 +426,8 @@ def test_a_rollout_triggered_through_the_rest_api_runs_to_its_end(stack):
     rollback_reason = followed.errors["rollback"][-1]
     assert rollback_reason.startswith("AirflowFailException: rolled back fraud v4"), outcome
     # The decision record that made it is in an analyze task's log, read through the API, with the same
-    # reason ("DECISION: ROLLBACK" from the judge, or "OVERRIDDEN -> ROLLBACK" by the hold's circuit breaker).
+    # reason ("DECISION: ROLLBACK" from the judge, "OVERRIDDEN -> ROLLBACK" by the hold's circuit breaker, or
+    # "ROLLBACK, with the hold's circuit breaker" when both found it).
     cause = rollback_reason.split("): ", 1)[1]
     deciding = [r for found in followed.records.values() for r in found if "ROLLBACK" in r and cause in r]
     assert deciding, outcome

@@ -242,20 +242,23 @@ def _fmt(x: float | None) -> str:
 
 def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, dq: dict | None,
             drift: dict | None, last: bool) -> tuple[str, str]:
+    causes = []  # every reason to roll back, not just the first: a broken canary is often broken twice
     harmed = [e for e in ev if e.harm]
     if harmed:
         parts = [f"{e.name}: canary {_fmt(e.canary)} vs stable {_fmt(e.stable)}, z_harm {_fmt(e.z_harm)} >= "
                  f"boundary {_fmt(e.b_rollback)}" for e in harmed]
-        return "rollback", "harm shown on " + "; ".join(parts)
-    tripped = [e for e in ev if e.breaker and e.breaker["tripped"]]
+        causes.append("harm shown on " + "; ".join(parts))
+    tripped = [e for e in ev if e.breaker and e.breaker["tripped"] and not e.harm]
     if tripped:
         e = tripped[0]
-        return "rollback", (f"circuit breaker on critical metric {e.name}: canary {_fmt(e.canary)} vs stable "
-                            f"{_fmt(e.stable)} (log LR {_fmt(e.breaker['log_lr'])} >= {_fmt(e.breaker['threshold'])})")
+        causes.append(f"circuit breaker on critical metric {e.name}: canary {_fmt(e.canary)} vs stable "
+                      f"{_fmt(e.stable)} (log LR {_fmt(e.breaker['log_lr'])} >= {_fmt(e.breaker['threshold'])})")
     if dq is not None and not dq.get("success", True):
         names = ", ".join(f"{f.get('expectation')}({f.get('column', '')}) observed {f.get('observed')}"
                           for f in dq.get("failures", []))
-        return "rollback", f"data quality failed on the canary's rows: {names or 'see data_quality'}"
+        causes.append(f"data quality failed on the canary's rows: {names or 'see data_quality'}")
+    if causes:
+        return "rollback", "; and ".join(causes)
     blocks = []
     if srm.get("mismatch"):
         blocks.append(f"sample ratio mismatch (p = {srm['p_value']:.2g} < {srm['alpha']})")
