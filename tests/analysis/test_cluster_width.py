@@ -9,20 +9,18 @@ the full text rounds ``...:09.999999`` up to the next second; the look cuts the 
 from __future__ import annotations
 
 import os
-import uuid
 from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_logdata import T0, load_log, make_log
+from analysis_logdata import T0, make_log
 from canary.analysis import MetricPolicy, Policy, judge
 from canary.analysis.policy import PolicyError
 from canary.analysis.sql import _bucket, _cells, look_stats
 from canary.analysis.stats import ArmStats
-from sqlalchemy import create_engine, text
 from test_analysis_sql import LOOK_AT, POLICY, WINDOWS, assert_cells_match, frame, reference
-from test_sql_denormalized import denormalize
+from test_sql_denormalized import denormalized_engines
 
 PG_URL = os.environ.get("CANARY_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 THR = {"slow_base": 25.0}
@@ -47,22 +45,7 @@ def log():
 @pytest.fixture(scope="module")
 def engines(log, tmp_path_factory):
     """(sqlite, postgresql) engines holding the log with the optional row columns (Contract 2)."""
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    name = f"canary_width_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    pg = create_engine(PG_URL.rsplit("/", 1)[0] + f"/{name}")
-    sq = create_engine(f"sqlite:///{tmp_path_factory.mktemp('width') / 'predictions.db'}")
-    generations = [w[2] for w in WINDOWS] + [WINDOWS[-1][3]]
-    for eng in (sq, pg):
-        load_log(eng, *log)
-        denormalize(eng, generations)
-    yield sq, pg
-    sq.dispose()
-    pg.dispose()
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield from denormalized_engines(log, tmp_path_factory.mktemp("width"), "canary_width")
 
 
 def _policy(width: int) -> Policy:

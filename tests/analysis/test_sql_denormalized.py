@@ -49,15 +49,15 @@ def log():
     return make_log()
 
 
-@pytest.fixture(scope="module")
-def engines(log, tmp_path_factory):
-    """(sqlite, postgresql) engines holding the log with the row columns."""
+def denormalized_engines(log, folder, prefix: str):
+    """(sqlite, postgresql) engines holding ``log`` with the row columns (Contract 2): a generator for a
+    module fixture; the PostgreSQL database is the test's own and dropped afterwards."""
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    name = f"canary_sqlrow_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     pg = create_engine(PG_URL.rsplit("/", 1)[0] + f"/{name}")
-    sq = create_engine(f"sqlite:///{tmp_path_factory.mktemp('row') / 'predictions.db'}")
+    sq = create_engine(f"sqlite:///{folder / 'predictions.db'}")
     generations = [w[2] for w in WINDOWS] + [WINDOWS[-1][3]]
     for eng in (sq, pg):
         load_log(eng, *log)
@@ -68,6 +68,12 @@ def engines(log, tmp_path_factory):
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def engines(log, tmp_path_factory):
+    """(sqlite, postgresql) engines holding the log with the row columns."""
+    yield from denormalized_engines(log, tmp_path_factory.mktemp("row"), "canary_sqlrow")
 
 
 def _same(a, b) -> None:
