@@ -166,3 +166,19 @@ def test_the_final_look_still_rolls_back_harm():
     planned_far = Policy(metrics=POLICY.metrics, planned_canary_samples=400_000, circuit_breaker_alpha=0.001)
     df = rollout({"stable": 0.02, "canary": 0.03}, steps=(50.0,))
     assert judge(df, planned_far, None, is_last_step=True, final_look=True).decision == "rollback"
+
+
+def test_advance_names_estimates_beyond_their_margin_that_are_not_yet_significant():
+    """'No harm shown' is true at a small first step, but a reader must see an estimate already beyond its
+    margin (the next step looks again with more data)."""
+    policy = Policy(metrics=(MetricPolicy("error_rate", "error", critical=True, margin=0.002),),
+                    planned_canary_samples=200_000, circuit_breaker_enabled=False)
+    df = rollout({"stable": 0.02, "canary": 0.025}, steps=(1.0, 50.0), n_per_step=20000, seed=5)
+    v = judge(df[df.step == 0], policy, None, is_last_step=False)  # ~200 canary requests: not significant
+    ev = v.metrics[0]
+    assert v.decision == "advance" and not ev.harm and ev.diff > ev.margin, (v.reason, ev.diff)
+    assert v.reason.startswith("no harm shown on any metric; gates hold; beyond the margin at this look but "
+                               "not yet significant: error_rate (canary - stable 0.005611, margin 0.002)"), v.reason
+    better = judge(rollout({"stable": 0.02, "canary": 0.025}, steps=(1.0, 50.0), n_per_step=20000,
+                           seed=8).query("step == 0"), policy)
+    assert better.metrics[0].diff < 0 and better.reason == "no harm shown on any metric; gates hold", better.reason

@@ -274,7 +274,15 @@ def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, d
         missing = [e.name for e in ev if e.critical and not e.tested]
         if missing:
             return "extend", f"critical metrics not testable yet: {', '.join(missing)}"
-        return "advance", "no harm shown on any metric; gates hold"
+        reason = "no harm shown on any metric; gates hold"
+        # Not a reason to stop (the harm test has not crossed its boundary), but a reader of "no harm shown"
+        # should see which estimates already sit beyond their margin: the next step will look again.
+        watch = [e for e in ev if e.tested and e.diff is not None and e.margin is not None
+                 and policy.metric(e.name).sign * e.diff > e.margin]
+        if watch:
+            reason += "; beyond the margin at this look but not yet significant: " + ", ".join(
+                f"{e.name} (canary - stable {_fmt(e.diff)}, margin {_fmt(e.margin)})" for e in watch)
+        return "advance", reason
     not_ni = [e for e in ev if not (e.tested and e.non_inferior)]
     if not not_ni:
         return "promote", "every metric non-inferior within its margin; gates hold"
