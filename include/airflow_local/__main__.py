@@ -20,10 +20,12 @@ replays your rows; ``--label-column``, ``--unit-column``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from canary_demo.scenario import write_demo_specs
@@ -65,26 +67,52 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
         proc.wait(5)
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``; from ``/proc`` where there is one."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
 def _stop_group(proc: subprocess.Popen | None, timeout: float = 60) -> None:
     """Stop ``airflow standalone`` and every process it started (it runs in its own process group):
-    SIGINT like Ctrl-C, then SIGTERM, then SIGKILL for whatever is left."""
+    SIGINT like Ctrl-C, then SIGTERM, then SIGKILL for whatever is left. It waits for the whole group, not
+    just the leader: the scheduler or triggerer can outlive ``standalone`` by seconds, and a process left
+    behind keeps its LocalExecutor workers and the metadata database busy."""
     if proc is None:
         return
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15.0)):
+        if not _group_members(proc.pid):
+            break
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; give the rest of the group a moment, then make sure it is gone too
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        return
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, so it does not count as alive
+            if not _group_members(proc.pid):
+                break
+            time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,23 @@ def _user_folders(tmp: Path) -> dict[str, Path]:
     return {"models": models, "rollouts": rollouts, "suites": suites, "csv": csv}
 
 
+def _processes_with_env(needle: bytes) -> list[str]:
+    """Live processes whose environment holds ``needle`` (this test's Airflow home), as 'pid cmdline'."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if needle in (entry / "environ").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry.name} {cmdline[:80]}")
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def _wait(what: str, probe, timeout: float, proc: subprocess.Popen, log: Path):
     deadline = time.monotonic() + timeout
     last: object = None
@@ -146,6 +163,11 @@ def test_make_airflow_with_a_users_own_model_specs_and_traffic(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert code == 0, log.read_text()[-4000:]
+    home = f"AIRFLOW_HOME={var / 'airflow'}".encode()
+    deadline = time.monotonic() + 20
+    while (left := _processes_with_env(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of this Airflow home outlived the stop: {left}"
     for port in (api_port, gw_port):  # everything it started is gone
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after the stop"
