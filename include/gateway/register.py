@@ -41,6 +41,8 @@ from gateway.registry import (
     LoadedModel,
     ModelRegistry,
     UnloadableVersion,
+    _is_number,
+    _plain,
     check_metadata,
 )
 
@@ -424,14 +426,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(_plain(value), int | float)  # bool is an int: stored as 0/1
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -156,12 +156,9 @@ class LoadedModel:
 
 
 def _is_number(value: Any) -> bool:
-    """True for Python and numpy numbers and booleans; False for text."""
-    import numbers
-
-    import numpy as np
-
-    return isinstance(value, numbers.Number | np.bool_)
+    """True for Python and numpy ints, floats and booleans (a bool is an int: stored as 0/1); False for text.
+    Also used by ``gateway.register``, so registering and loading agree on what a numeric class is."""
+    return isinstance(_plain(value), int | float)
 
 
 def _plain(value: Any) -> Any:
