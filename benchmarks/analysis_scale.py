@@ -40,7 +40,9 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
-T0 = datetime(2026, 1, 1, 0, 0, 0)
+# The rollout starts 17 s past a minute, as a real one does: its step edges and the label eligibility time
+# cut clusters, so the look's cells are not only the cluster grid.
+T0 = datetime(2026, 1, 1, 0, 0, 17)
 STEPS = (1.0, 5.0, 25.0, 50.0)
 DURATION_S = 4 * 3600  # four one-hour steps
 

@@ -3,7 +3,9 @@
 Every function takes a SQLAlchemy ``Connection`` or ``Engine`` (the Airflow ``PredictionLogHook`` gives an
 engine via ``get_sqlalchemy_engine()``) and reads the Contract 2 tables ``predictions`` and ``feedback``.
 SQL is parameterized (values are bound, never formatted in); identifiers are fixed. The same queries run on
-SQLite and PostgreSQL and give identical numbers: only the time-cluster expression differs by dialect.
+SQLite and PostgreSQL and give the same numbers (a continuous metric's sums to floating-point rounding:
+PostgreSQL's look reads them as ``avg`` and ``var_pop``); the cluster expression and the cheapest form of
+an aggregate differ by dialect.
 
 ``windows`` are ``[(step_index, percent, start_ts, end_ts), ...]`` from the recorded ``step_started_at``
 and ``look_at`` (naive UTC datetimes): a row belongs to a step when ``start <= ts < end``.
@@ -219,21 +221,60 @@ def _label_aggs(m: MetricPolicy, i: int, dialect: str, pack: int | None) -> list
 
     The eligibility condition is the costly part of a row, so it is evaluated once: with ``pack`` the
     counts are digits of one integer (``1 + pack * labelled [+ pack^2 * mismatch]`` summed over eligible
-    rows; a mismatch is 0/1, so its sum of squares is its sum), decoded by :func:`_read_label`. ``pack``
-    None gives one aggregate per number. The label's arrival time is not tested per row either: rows whose
-    label arrived after the look are corrected afterwards (:func:`_add_late_labels`).
+    rows; a mismatch is 0/1, so its sum of squares is its sum), decoded by :func:`_read_label`. The digits
+    come from a CASE of constants (no per-row arithmetic, about 10 % of the scan's time less on PostgreSQL
+    than multiplying flags). ``pack`` None gives one aggregate per number. The label's arrival time is not
+    tested per row either: rows whose label arrived after the look are corrected afterwards
+    (:func:`_add_late_labels`).
     """
     elig = _eligible_sql(m, i, by_time=False)
     value = _label_value(m, dialect, "p.label")
-    labelled = _bool(dialect, "p.label IS NOT NULL")
     if pack is None:
         aggs = [f"SUM({_bool(dialect, elig)})", f"COUNT(CASE WHEN {elig} THEN {value} END)",
                 f"SUM(CASE WHEN {elig} THEN {value} END)"]
         return aggs + ([] if _binary(m) else [f"SUM(CASE WHEN {elig} THEN ({value}) * ({value}) END)"])
     if m.source == "mismatch":
-        return [f"SUM(CASE WHEN {elig} THEN 1 + {pack} * {labelled} + {pack * pack} * COALESCE({value}, 0) END)"]
-    return [f"SUM(CASE WHEN {elig} THEN 1 + {pack} * {labelled} END)", f"SUM(CASE WHEN {elig} THEN {value} END)",
-            f"SUM(CASE WHEN {elig} THEN ({value}) * ({value}) END)"]
+        return [f"SUM(CASE WHEN {elig} THEN CASE WHEN p.label IS NULL THEN 1 WHEN p.prediction <> p.label "
+                f"THEN {1 + pack + pack * pack} ELSE {1 + pack} END END)"]
+    return [f"SUM(CASE WHEN {elig} THEN CASE WHEN p.label IS NULL THEN 1 ELSE {1 + pack} END END)",
+            f"SUM(CASE WHEN {elig} THEN {value} END)", f"SUM(CASE WHEN {elig} THEN ({value}) * ({value}) END)"]
+
+
+def _value_aggs(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any], thresholds: dict[str, float]
+                ) -> tuple[list[str], str]:
+    """Aggregates of a metric that needs no label over the rows of one cell, and how :func:`_read_value`
+    reads them: ``always`` (observed on every request: its count is the cell's requests), ``value`` (count,
+    sum, sum of squares) or ``moments`` (PostgreSQL: count, ``avg`` and ``var_pop``, which share one
+    transition per row, so a continuous metric costs two aggregate steps instead of three). On PostgreSQL a
+    0/1 metric is a ``COUNT(*) FILTER``, the cheapest aggregate."""
+    v = _row_value_sql(m, i, dialect, params, thresholds)
+    always = m.kind == "latency_threshold" or m.source == "error"
+    if dialect == "postgresql":
+        if always:
+            cond = f"p.latency_ms > :thr{i}" if m.kind == "latency_threshold" else "p.status = 'error'"
+            return [f"COUNT(*) FILTER (WHERE {cond})"], "always"
+        if m.source == "null_score":
+            return ["COUNT(*) FILTER (WHERE p.status = 'ok')",
+                    f"COUNT(*) FILTER (WHERE p.status = 'ok' AND {_nan_check(dialect, 'p.score')})"], "value"
+        return [f"COUNT({v})", f"avg({v})", f"var_pop({v})"], "moments"
+    aggs = ([] if always else [f"COUNT({v})"]) + [f"SUM({v})"]
+    return aggs + ([] if _binary(m) else [f"SUM(({v}) * ({v}))"]), "always" if always else "value"
+
+
+def _read_value(m: MetricPolicy, how: str, r: tuple, k: int, requests: int) -> tuple[list, int]:
+    """``[n, s1, s2]`` of a metric from the aggregates of :func:`_value_aggs` at ``r[k:]``, and the index
+    after them."""
+    if how == "moments":
+        n, mean, var = r[k], r[k + 1], r[k + 2]
+        if not n:
+            return [0, None, None], k + 3
+        mean, var = float(mean), float(var)
+        return [n, n * mean, n * (var + mean * mean)], k + 3
+    n = requests if how == "always" else r[k]
+    k += 0 if how == "always" else 1
+    s1 = r[k]
+    s2 = s1 if _binary(m) else r[k + 1]
+    return [n, s1, s2], k + (1 if _binary(m) else 2)
 
 
 def _read_label(m: MetricPolicy, r: tuple, k: int, pack: int | None) -> tuple[list, int]:
@@ -306,25 +347,35 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
             aggs += _label_aggs(m, i, dialect, pack)
             shape.append((i, m, "label"))
             continue
-        v = _row_value_sql(m, i, dialect, params, thresholds)
-        always = m.kind == "latency_threshold" or m.source == "error"
-        aggs += ([] if always else [f"COUNT({v})"]) + [f"SUM({v})"]  # always observed: n = requests
-        if not _binary(m):
-            aggs.append(f"SUM(({v}) * ({v}))")
-        shape.append((i, m, "always" if always else "value"))
+        more, how = _value_aggs(m, i, dialect, params, thresholds)
+        aggs += more
+        shape.append((i, m, how))
     if with_units:
-        aggs += [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)", f"SUM(p.{UNIT_COLUMN})"]
-    pts, cells = _cell_grid(windows, tuple(elig_at.values()), policy.cluster_seconds)
+        aggs += ([f"COUNT(p.unit_id) FILTER (WHERE p.{UNIT_COLUMN} IS NULL)"] if dialect == "postgresql" else
+                 [f"COUNT(CASE WHEN p.{UNIT_COLUMN} IS NULL THEN p.unit_id END)"]) + [f"SUM(p.{UNIT_COLUMN})"]
+    width = policy.cluster_seconds
+    pts, cells = _cell_grid(windows, tuple(elig_at.values()), width)
     raw: list[tuple] = []  # (arm, step, cluster, lo, aggregates...)
-    if dialect == "postgresql":  # one parallel aggregate; the cell is a binary search over the cut points
-        params["cuts"] = pts
-        sql = (f"SELECT p.arm, width_bucket(p.ts, CAST(:cuts AS timestamp[])) AS cell, {', '.join(aggs)} "
-               "FROM predictions p WHERE p.model = :model AND p.ts >= :wlo AND p.ts < :whi GROUP BY 1, 2")
-        params["wlo"], params["whi"] = pts[0], pts[-1]
+    if dialect == "postgresql":
+        # One parallel aggregate by (arm, cluster, piece): the cluster is date_bin's integer arithmetic on
+        # the timestamp (PostgreSQL 14+; before, every cut is a piece), the piece a binary search over the
+        # few cut points that are not cluster boundaries (window edges, label eligibility times). A binary
+        # search over all cut points cost about 10 % more of the scan.
+        binned = conn.dialect.server_version_info >= (14,)
+        size = timedelta(seconds=width)
+        pieces = [t for t in pts if not binned or (t - _EPOCH) % size] or [pts[0]]
+        params.update(cuts=pieces, cw=width, wlo=pts[0], whi=pts[-1])
+        cluster = "date_bin(make_interval(secs => :cw), p.ts, TIMESTAMP '1970-01-01')" if binned else \
+            "CAST(:wlo AS timestamp)"
+        sql = (f"SELECT p.arm, {cluster}, width_bucket(p.ts, CAST(:cuts AS timestamp[])), {', '.join(aggs)} "
+               "FROM predictions p WHERE p.model = :model AND p.ts >= :wlo AND p.ts < :whi GROUP BY 1, 2, 3")
+        index = {t: j for j, t in enumerate(pts)}
         for r in _run(conn, sql, params, [*dts, "wlo", "whi"]):
-            j = int(r[1]) - 1  # width_bucket: 1 for [pts[0], pts[1])
-            if r[0] in ("stable", "canary") and 0 <= j < len(cells) and cells[j] is not None:
-                raw.append((r[0], *cells[j], pts[j], *r[2:]))
+            # the rows' interval starts at the later of the cluster's start and the piece's cut point
+            lo = r[1] if r[2] == 0 else max(r[1], pieces[r[2] - 1])
+            j = index.get(lo)
+            if r[0] in ("stable", "canary") and j is not None and j < len(cells) and cells[j] is not None:
+                raw.append((r[0], *cells[j], pts[j], *r[3:]))
     else:  # SQLite: per cell and arm one range of the (model, ts) index, aggregated without a sorter
         sql = " UNION ALL ".join(
             f"SELECT '{arm}', {', '.join(aggs)} FROM predictions p WHERE p.model = :model AND p.arm = '{arm}' "
@@ -348,13 +399,8 @@ def _rows_denormalized(conn: Any, dialect: str, model: str, windows: list[Window
                     vals = [0, 0, 0, 0]
                 out += vals
                 continue
-            n = r[4] if how == "always" else r[k]
-            k += 0 if how == "always" else 1
-            s1 = r[k]
-            k += 1
-            s2 = s1 if _binary(m) else r[k]
-            k += 0 if _binary(m) else 1
-            out += [n, s1, s2]
+            vals, k = _read_value(m, how, r, k, r[4])
+            out += vals
         rows.append(out)
         if with_units:
             unit_parts.append((r[0], int(r[1]), r[k] or 0, r[k + 1] or 0))
@@ -409,14 +455,16 @@ def _add_late_labels(conn: Any, dialect: str, model: str, windows: list[Window],
             pos.append(col)
         col += 4 if m.needs_labels else 3
     fence = "OFFSET 0" if dialect == "postgresql" else "LIMIT -1 OFFSET 0"
+    # rows younger than every label delay count for no label metric: their labels are not looked up
+    params["eligmax"] = max(params[f"elig{i}"] for i, m in enumerate(policy.metrics) if m.needs_labels)
     sql = (f"SELECT p.arm, {step_case} AS step, {_bucket(dialect, width)} AS cluster, {', '.join(aggs)} FROM ("
            "SELECT p.arm, p.ts, p.status, p.prediction, p.label, (SELECT f.label FROM feedback f WHERE "
            "f.request_id = p.request_id AND f.ts <= :look_at ORDER BY f.ts DESC, f.label DESC LIMIT 1) AS lab "
            "FROM predictions p WHERE p.request_id IN (SELECT f.request_id FROM feedback f WHERE f.ts > :look_at) "
-           "AND p.label_ts > :look_at AND p.model = :model AND p.arm IN ('stable', 'canary') "
+           "AND p.label_ts > :look_at AND p.ts < :eligmax AND p.model = :model AND p.arm IN ('stable', 'canary') "
            f"AND {where_win} {fence}) p GROUP BY 1, 2, 3")
     index = {(r[0], int(r[1]), int(r[2])): r for r in rows}
-    for r in _run(conn, sql, params, dts + wnames):
+    for r in _run(conn, sql, params, [*dts, *wnames, "eligmax"]):
         if r[1] is None:
             continue
         target = index[(r[0], int(r[1]), _bucket_int(r[2], width))]
