@@ -234,3 +234,58 @@ def test_postgresql_before_14_cuts_every_cell_by_binary_search(engines, monkeypa
     monkeypatch.undo()
     _same(look_stats(eng, "fraud", w, POLICY, look, thresholds=THR, count_units=False),
           look_stats(eng, "fraud", w, POLICY, look, thresholds=THR, count_units=False, denormalized=False))
+
+
+@pytest.fixture
+def own_engines(log, tmp_path):
+    """(sqlite in WAL mode, as the gateway keeps it, and postgresql) holding ``log``: this test's own, as it
+    writes to them."""
+    gen = denormalized_engines(log, tmp_path, "canary_snap")
+    sq, pg = next(gen)
+    with sq.connect() as c:
+        c.exec_driver_sql("PRAGMA journal_mode=WAL")
+    yield sq, pg
+    next(gen, None)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sqlite", "postgresql"])
+def test_a_label_written_during_the_look_is_not_counted(own_engines, which):
+    """The gateway writes labels while a look runs. A label for a request of the first cell arrives after
+    the look's scan has read that cell and before its late-label correction: the correction must not see
+    it (it would subtract the new label's value from the old one's count). The look reads one snapshot, so
+    it equals the look before the write, and so does a look after it (the label came after the look)."""
+    from sqlalchemy import event
+
+    eng = own_engines[which]
+    look = LOOK_AT
+    before = look_stats(eng, "fraud", WINDOWS, POLICY, look, thresholds=THR)
+    with eng.connect() as c:
+        rid, label = c.execute(text(
+            "SELECT request_id, label FROM predictions WHERE model = 'fraud' AND status = 'ok' AND prediction "
+            "IS NOT NULL AND label IS NOT NULL AND label_ts <= :look AND ts >= :t0 ORDER BY ts LIMIT 1"
+        ).bindparams(bindparam("look", type_=DateTime()), bindparam("t0", type_=DateTime())),
+            {"look": look, "t0": WINDOWS[0][2]}).one()
+    writer = create_engine(eng.url)
+    written: list[str] = []
+
+    def write_label(conn, cursor, statement, *args) -> None:
+        scan = "UNION ALL" in statement if which == 0 else "width_bucket" in statement
+        if scan and not written:
+            late = look + timedelta(seconds=30)
+            params = {"rid": rid, "label": 1.0 - label, "late": late}
+            with writer.begin() as w:
+                w.execute(text("INSERT INTO feedback (request_id, ts, label, source) VALUES (:rid, :late, :label, "
+                               "'test')").bindparams(bindparam("late", type_=DateTime())), params)
+                w.execute(text("UPDATE predictions SET label = :label, label_ts = :late WHERE request_id = :rid"
+                               ).bindparams(bindparam("late", type_=DateTime())), params)
+            written.append(statement)
+
+    event.listen(eng, "after_cursor_execute", write_label)
+    try:
+        during = look_stats(eng, "fraud", WINDOWS, POLICY, look, thresholds=THR)
+    finally:
+        event.remove(eng, "after_cursor_execute", write_label)
+        writer.dispose()
+    assert written  # the label was written between the scan and the correction
+    _same(before, during)
+    _same(before, look_stats(eng, "fraud", WINDOWS, POLICY, look, thresholds=THR))
