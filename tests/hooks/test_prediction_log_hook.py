@@ -138,5 +138,13 @@ def test_window_rows_sample_labels_and_features(tmp_path, set_conn):
     assert json.loads(by_id["r7"]["features"]) == {"x": 7}
     assert isinstance(by_id["r7"]["ts"], datetime)
     assert len(hook.window_rows("fraud", start=T0, end=end, limit=5)) == 5
+    # a bounded sample is spread over the window (the newest 10 would all be from T0+20s on), newest first,
+    # and the same on a retry
+    sample = hook.window_rows("fraud", start=T0, end=end, versions={"stable": "v1", "canary": "v2"}, limit=10)
+    times = [r["ts"] for r in sample]
+    assert len(sample) == 10 and times == sorted(times, reverse=True)
+    assert min(times) < T0.replace(tzinfo=None) + timedelta(seconds=10) <= max(times) - timedelta(seconds=10)
+    assert [r["request_id"] for r in sample] == [r["request_id"] for r in hook.window_rows(
+        "fraud", start=T0, end=end, versions={"stable": "v1", "canary": "v2"}, limit=10)]
     only_canary = hook.window_rows("fraud", start=T0, end=end, versions={"canary": "v2"})
     assert {r["arm"] for r in only_canary} == {"canary"} and len(only_canary) == 10

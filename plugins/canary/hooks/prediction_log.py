@@ -218,7 +218,10 @@ class PredictionLogHook(BaseHook):
             every arm and version.
         :param with_labels: add ``label`` (the first feedback that arrived before ``end``, else None).
         :param with_features: add ``features`` (the JSON text as logged).
-        :param limit: most rows returned (the newest ones).
+        :param limit: most rows returned: when the window holds more, the ``limit`` rows with the smallest
+            sample key (``canary.analysis.sql.sample_rows``'s: a hash of the request id on PostgreSQL, a
+            Weyl sequence over the rowid on SQLite), so the sample is spread over the whole window and the
+            same on a retry, not its newest rows (which would judge a step by its last minutes).
         """
         params: dict[str, Any] = {"model": model, "start": to_naive_utc(start), "end": to_naive_utc(end)}
         where = ["p.model = :model", "p.ts >= :start", "p.ts < :end"]
@@ -237,10 +240,17 @@ class PredictionLogHook(BaseHook):
                 "(SELECT f.label FROM feedback f WHERE f.request_id = p.request_id AND f.ts < :end "
                 "ORDER BY f.ts LIMIT 1) AS label"
             )
-        sql = f"SELECT {', '.join(cols)} FROM predictions p WHERE {' AND '.join(where)} ORDER BY p.ts DESC"
-        if limit is not None:
-            sql += " LIMIT :limit"
+        cond = " AND ".join(where)
+        if limit is None:
+            sql = f"SELECT {', '.join(cols)} FROM predictions p WHERE {cond} ORDER BY p.ts DESC"
+        else:  # the sample's request ids first, then their columns (labels are looked up for those only)
+            from canary.analysis.sql import _sample_key
+
+            key = _sample_key(self.engine.dialect.name)
             params["limit"] = int(limit)
+            sql = (f"SELECT {', '.join(cols)} FROM predictions p WHERE p.request_id IN (SELECT p.request_id "
+                   f"FROM predictions p WHERE {cond} ORDER BY {key}, p.request_id LIMIT :limit) AND {cond} "
+                   "ORDER BY p.ts DESC")
         stmt = sa.text(sql).bindparams(
             sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime())
         ).columns(ts=sa.DateTime())
