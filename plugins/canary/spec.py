@@ -1103,31 +1103,60 @@ def _build(
         ]
         tags = tuple(checked) if _BAD not in checked else _BAD
 
-    # cross-field checks (only between fields that are themselves valid)
+    # cross-field checks (only between fields that are themselves valid). A field the spec does not set
+    # (omitted, or written under a misspelled key) takes its default; the problem says so, or it would quote
+    # a value the user never wrote.
     if _BAD not in (min_duration, max_wait) and max_wait < min_duration:
+        unset = _unset_notes(
+            raw,
+            ("hold.min_duration", format_duration(min_duration)),
+            ("hold.max_wait", format_duration(max_wait)),
+        )
         r.add(
             "hold.max_wait",
             format_duration(max_wait),
-            f"the maximum wait is shorter than hold.min_duration ({format_duration(min_duration)})",
-            f"make max_wait at least {format_duration(min_duration)}, e.g. {format_duration(4 * min_duration or 600)}",
+            f"the maximum wait is shorter than hold.min_duration ({format_duration(min_duration)})"
+            + unset.message,
+            unset.fix(
+                f"make max_wait at least {format_duration(min_duration)}, e.g. "
+                f"{format_duration(4 * min_duration or 600)}",
+                "keep hold.max_wait at least hold.min_duration",
+            ),
         )
     if _BAD not in (lease, poll_interval) and lease < 2 * poll_interval:
+        unset = _unset_notes(
+            raw, ("hold.poll_interval", format_duration(poll_interval)), ("lease", format_duration(lease))
+        )
         r.add(
             "lease",
             format_duration(lease),
             f"the lease must outlive two polls (hold.poll_interval is {format_duration(poll_interval)}) or the "
-            "gateway returns traffic to stable between renewals",
-            f"use a lease of at least {format_duration(2 * poll_interval)}, e.g. 15m",
+            "gateway returns traffic to stable between renewals" + unset.message,
+            unset.fix(
+                f"use a lease of at least {format_duration(2 * poll_interval)}, e.g. 15m",
+                "keep the lease at least twice hold.poll_interval",
+            ),
         )
     if _BAD not in (deadline, steps, min_duration, pd_window):
         needed = len(steps) * min_duration + pd_window
         if deadline < needed:
+            unset = _unset_notes(
+                raw,
+                ("steps", _show([_plain_number(p) for p in steps])),
+                ("hold.min_duration", format_duration(min_duration)),
+                ("post_deploy.window", format_duration(pd_window)),
+                ("deadline", format_duration(deadline)),
+            )
             r.add(
                 "deadline",
                 format_duration(deadline),
                 f"the deadline is shorter than the least time the rollout needs ({len(steps)} steps x "
-                f"{format_duration(min_duration)} hold + {format_duration(pd_window)} post-deploy window)",
-                f"use a deadline of at least {format_duration(needed)}",
+                f"{format_duration(min_duration)} hold + {format_duration(pd_window)} post-deploy window)"
+                + unset.message,
+                unset.fix(
+                    f"use a deadline of at least {format_duration(needed)}",
+                    "keep the deadline at least the number of steps x hold.min_duration + post_deploy.window",
+                ),
             )
 
     # trigger params
@@ -1174,11 +1203,16 @@ def _build(
     if params.get("steps") is not None:
         new_steps = r.steps("params.steps", params["steps"], file=p_file)
         if new_steps is not _BAD and steps is not _BAD and len(new_steps) > len(steps):
+            unset = _unset_notes(raw, ("steps", _show([_plain_number(p) for p in steps])))
             r.add(
                 "params.steps",
                 list(new_steps),
-                f"the DAG has {len(steps)} traffic steps (from the spec file); an override may have fewer, not more",
-                f"give at most {len(steps)} percents, or add the steps to the spec file's steps:",
+                f"the DAG has {len(steps)} traffic steps (from the spec file); an override may have fewer, not more"
+                + unset.message,
+                unset.fix(
+                    f"give at most {len(steps)} percents, or add the steps to the spec file's steps:",
+                    "give at most as many percents as the spec's steps",
+                ),
                 p_file,
             )
         elif new_steps is not _BAD and new_steps != steps:
@@ -1223,11 +1257,14 @@ def _build(
                 if known and name not in known:
                     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
                     hint = f"did you mean {close[0]!r}? " if close else ""
+                    unset = _unset_notes(raw, ("metrics", "(" + ", ".join(known) + ")"))
                     r.add(
                         where,
                         name,
-                        f"no metric {name!r} in the spec",
-                        f"{hint}metrics are {', '.join(known)}",
+                        f"no metric {name!r} in the spec" + unset.message,
+                        unset.fix(
+                            f"{hint}metrics are {', '.join(known)}", f"{hint}name a metric of the spec"
+                        ),
                         p_file,
                     )
                     continue
@@ -1243,11 +1280,21 @@ def _build(
                 overrides["margins"] = changed
     if params and _BAD not in (min_duration, max_wait) and max_wait < min_duration:
         if any(k in overrides for k in ("hold_min_duration", "hold_max_wait")):
+            unset = _unset_params_notes(
+                params,
+                raw,
+                ("hold_min_duration", format_duration(min_duration)),
+                ("hold_max_wait", format_duration(max_wait)),
+            )
             r.add(
                 "params.hold_max_wait",
                 format_duration(max_wait),
-                f"the maximum wait is shorter than the minimum duration ({format_duration(min_duration)})",
-                "raise hold_max_wait or lower hold_min_duration",
+                f"the maximum wait is shorter than the minimum duration ({format_duration(min_duration)})"
+                + unset.message,
+                unset.fix(
+                    "raise hold_max_wait or lower hold_min_duration",
+                    "keep hold_max_wait at least hold_min_duration",
+                ),
                 p_file,
             )
 
@@ -1280,6 +1327,104 @@ def _build(
         source=source,
         overrides=overrides,
     )
+
+
+# ------------------------------------------------------------------------------------ unset fields
+
+
+@dataclass(frozen=True)
+class _Unset:
+    """Why values a cross-field problem quotes are defaults: the fields the user omitted or misspelled.
+
+    :param notes: one sentence per such field, e.g. ``hold.min_duration is not set (the unknown key
+        'min_duraton' was ignored), so its default 10m applies``.
+    :param renames: ``(unknown key, the key it was probably meant as)`` for each misspelled field.
+    """
+
+    notes: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def message(self) -> str:
+        """``""``, or ``"; "`` and the notes, to append to the problem's message."""
+        return "".join(f"; {n}" for n in self.notes)
+
+    def fix(self, as_written: str, rule: str) -> str:
+        """``as_written`` (the fix for the values as they are), or, when a field was misspelled, the rename
+        first and the ``rule`` (the numbers of ``as_written`` are the defaults the rename replaces)."""
+        if not self.renames:
+            return as_written
+        renames = " and ".join(f"{typo!r} to {key!r}" for typo, key in self.renames)
+        return f"rename {renames} (see the unknown-key problem above), then {rule}"
+
+
+def _misspelled(node: Any, key: str, allowed: tuple[str, ...]) -> list[str]:
+    """Unknown keys of ``node`` whose did-you-mean suggestion is ``key``: probably meant as ``key``."""
+    if not isinstance(node, dict):
+        return []
+    return [
+        str(k)
+        for k in node
+        if k not in allowed and difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.6) == [key]
+    ]
+
+
+def _ignored(typos: list[str], what: str = "key") -> str:
+    if not typos:
+        return ""
+    if len(typos) == 1:
+        return f" (the unknown {what} {typos[0]!r} was ignored)"
+    return f" (the unknown {what}s {', '.join(map(repr, typos))} were ignored)"
+
+
+def _unset_note(raw: Any, path: str, shown: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """``None`` when the spec sets the field at the dotted ``path``; else why its default ``shown`` applies
+    (naming an unknown key that was probably meant for it, or its section's) and the renames that fix it."""
+    node: Any = raw
+    allowed: tuple[str, ...] = TOP_KEYS
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        value = node.get(part) if isinstance(node, dict) else None
+        if value is None:
+            typos = _misspelled(node, part, allowed)
+            return (
+                f"{path} is not set{_ignored(typos)}, so its default {shown} applies",
+                [(t, part) for t in typos],
+            )
+        if i < len(parts) - 1:
+            section = ".".join(parts[: i + 1])
+            if not isinstance(value, dict):
+                return f"{path} is not set ({section} is not a mapping), so its default {shown} applies", []
+            node, allowed = value, tuple(DEFAULTS[part])
+    return None
+
+
+def _unset_notes(raw: Any, *fields: tuple[str, str]) -> _Unset:
+    """:func:`_unset_note` for each ``(path, shown value)`` a cross-field check compares."""
+    notes, renames = [], []
+    for path, shown in fields:
+        found = _unset_note(raw, path, shown)
+        if found is not None:
+            notes.append(found[0])
+            renames.extend(found[1])
+    return _Unset(tuple(notes), tuple(renames))
+
+
+def _unset_params_notes(params: Mapping[str, Any], raw: Any, *fields: tuple[str, str]) -> _Unset:
+    """Like :func:`_unset_notes` for trigger params (``hold_min_duration`` overrides ``hold.min_duration``):
+    a param not given (or misspelled) leaves the spec's value, itself perhaps a default."""
+    notes, renames = [], []
+    for key, shown in fields:
+        if params.get(key) is not None:
+            continue
+        typos = _misspelled(params, key, PARAM_KEYS)
+        renames.extend((t, key) for t in typos)
+        spec_path = key.replace("hold_", "hold.", 1)
+        from_spec = "the spec's" if _unset_note(raw, spec_path, shown) is None else "the default"
+        notes.append(
+            f"{key} is not given{_ignored(typos, 'trigger param')}, so {from_spec} {spec_path} {shown} applies"
+        )
+    return _Unset(tuple(notes), tuple(renames))
 
 
 def _tail(p: Problem) -> tuple[Any, ...]:
@@ -1329,7 +1474,13 @@ def _metrics(r: _Reader, value: Any) -> Any:
         for req in ("name", "source", "kind", "margin"):
             if m.get(req) is None:
                 example = {"name": "error_rate", "source": "error", "kind": "binary", "margin": "0.002"}[req]
-                r.add(f"{path}.{req}", None, f"the metric's {req} is required", f"add {req}: {example}")
+                typos = _misspelled(m, req, METRIC_KEYS)
+                r.add(
+                    f"{path}.{req}",
+                    None,
+                    f"the metric's {req} is required{_ignored(typos)}",
+                    f"rename {typos[0]!r} to {req!r}" if typos else f"add {req}: {example}",
+                )
         name = m.get("name")
         if name is not None:
             name = r.text(
@@ -1375,11 +1526,14 @@ def _metrics(r: _Reader, value: Any) -> Any:
                 )
         if kind == "latency_threshold":
             if threshold is None:
+                typos = _misspelled(m, "threshold", METRIC_KEYS)
                 r.add(
                     f"{path}.threshold",
                     None,
-                    "a latency_threshold metric needs a threshold",
-                    "add threshold: baseline_p95 (stable's p95 before the rollout) or milliseconds, e.g. 250",
+                    f"a latency_threshold metric needs a threshold{_ignored(typos)}",
+                    f"rename {typos[0]!r} to 'threshold'"
+                    if typos
+                    else "add threshold: baseline_p95 (stable's p95 before the rollout) or milliseconds, e.g. 250",
                 )
             elif threshold != "baseline_p95":
                 threshold = r.number(
