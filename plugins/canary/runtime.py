@@ -1656,6 +1656,10 @@ def fail_safe(
             done = read("fail_safe", "fail_safe") if run is not None else None
             if plan is not None:
                 touched, written = _written_routes(read, len(_spec(plan).get("steps") or []))
+            elif (from_file := _plan_or_spec(None, spec_path)) is not None:
+                # validate left no plan (it failed): the spec file names the DAG's set_traffic tasks, so what
+                # this run wrote is still read (nothing, as every traffic task runs after validate)
+                touched, written = _written_routes(read, len(_spec(from_file).get("steps") or []))
         except XComUnreadable as exc:
             _log("fail-safe: %s; going by the run's conf and the spec only", exc)
             readable, pre, rolled, done, touched, written = False, {}, None, None, True, {}
@@ -1683,7 +1687,8 @@ def fail_safe(
     candidate = pre.get("candidate") or plan.get("candidate") or candidate
     if not touched:
         out = {"route": None, "reached_gateway": False, "changed": False,
-               "reason": f"{reason}; this run never set traffic, the route is left as it is"}
+               "reason": f"{reason}; this run failed before it set any route: it changed no traffic, and the "
+                         "route is left as it is"}
         _log("fail-safe: %s", out["reason"])
         return finish(out)
     if not candidate:
