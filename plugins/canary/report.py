@@ -40,7 +40,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "render_report", "build_run", "report_filename", "ReportError"]
+__all__ = [
+    "write_report",
+    "render_report",
+    "build_run",
+    "report_filename",
+    "ReportError",
+    "metric_points",
+    "metric_figure",
+    "rollback_threshold",
+]
 
 OUTCOMES = ("promoted", "rolled_back", "paused", "failed", "skipped", "running")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -127,9 +136,12 @@ class MetricPoint:
 
     :param label: the look's label on the x axis (``s2·l1 5%``).
     :param difference: canary minus stable estimate (metric units).
-    :param low: lower end of the interval of the difference.
+    :param low: lower end of the judge's interval of the difference (``diff - b_promotion * se``).
     :param high: upper end.
-    :param rollback_bound: the difference beyond which the harm test rolls back, at this look.
+    :param rollback_bound: the rollback threshold in metric units: the difference at which the harm statistic
+        ``z_harm`` reaches its boundary ``b_rollback`` at this look (harm side: above 0 for ``decrease``
+        metrics, below 0 for ``increase``). The run rolls back when the difference itself passes it; the
+        interval is not compared with it.
     :param noninferiority_bound: the difference the interval must stay below (decrease) / above (increase)
         to show non-inferiority: the margin in metric units.
     :param status: the metric's own status at this look (e.g. ``harm``, ``non_inferior``, ``inconclusive``).
@@ -176,21 +188,49 @@ def _status(ev: Mapping[str, Any]) -> str | None:
     return "inconclusive" if ev.get("tested") else "not tested"
 
 
+def _z_to_t(z: float, df: float | None) -> float:
+    """The inverse of the judge's ``t_to_z`` (``canary.analysis.stats``): the t value on ``df`` degrees of
+    freedom with the same upper tail probability as ``z``; ``z`` itself when ``df`` is unknown or infinite
+    (the judge stores an infinite ``df`` as null), as ``t_to_z`` does above 1e6 degrees of freedom."""
+    if df is None or not math.isfinite(df) or df > 1e6 or not math.isfinite(z):
+        return z
+    from scipy import special  # lazily, like matplotlib: only a report with finite df needs it
+
+    t = -float(special.stdtrit(df, float(special.ndtr(-abs(z)))))
+    return math.copysign(t, z) if math.isfinite(t) else z
+
+
+def rollback_threshold(ev: Mapping[str, Any]) -> float | None:
+    """The rollback threshold of one metric at one look, in the metric's units (canary - stable).
+
+    The judge rolls back when ``z_harm = t_to_z(sign * diff / se, df)`` reaches ``b_rollback`` (``sign`` +1
+    when lower is better): that is when ``sign * diff`` reaches ``se * t``, with ``t`` the t value of
+    ``b_rollback`` on ``df`` degrees of freedom. So the threshold is ``sign * b_rollback * se`` when ``df`` is
+    infinite, and further out when few clusters give few degrees of freedom. ``None`` when the metric was
+    not tested or its boundary is infinite (no rollback possible at this look).
+    """
+    explicit = _float(_first(ev, "rollback_boundary_diff", "rollback_bound"))
+    if explicit is not None:
+        return explicit
+    se, b_rb = _float(ev.get("se")), _float(ev.get("b_rollback"))
+    if se is None or b_rb is None or not math.isfinite(b_rb):
+        return None
+    sign = -1.0 if ev.get("direction") == "increase" else 1.0
+    return sign * _z_to_t(b_rb, _float(ev.get("df"))) * se
+
+
 def _point(label: str, ev: Mapping[str, Any]) -> MetricPoint:
     """Read one metric's evidence as the judge writes it (``MetricEvidence.to_dict()``).
 
-    The judge's boundaries are on the z scale; on the difference scale the harm boundary is
-    ``sign * b_rollback * se`` (sign +1 when lower is better) and the non-inferiority boundary is the
-    margin, ``sign * margin``. The interval is the judge's (``diff ± b_promotion * se``): its upper end
-    (lower end for ``increase`` metrics) inside the margin is exactly "non-inferior".
+    The judge's boundaries are on the z scale; the plot shows everything in metric units: the rollback
+    threshold (:func:`rollback_threshold`), the non-inferiority margin ``sign * margin``, and the judge's
+    interval ``diff ± b_promotion * se``. The interval decides promotion (its far end within the margin
+    means non-inferior; exactly so when ``df`` is infinite, as the interval uses the z quantile); it plays no
+    part in a rollback, which compares the difference itself with the threshold.
     """
     low, high = _interval(ev)
     sign = -1.0 if ev.get("direction") == "increase" else 1.0
-    se = _float(ev.get("se"))
-    b_rb = _float(_first(ev, "b_rollback"))
-    rollback = _float(_first(ev, "rollback_boundary_diff", "rollback_bound"))
-    if rollback is None and se is not None and b_rb is not None and math.isfinite(b_rb):
-        rollback = sign * b_rb * se
+    rollback = rollback_threshold(ev)
     margin = _float(_first(ev, "margin_abs", "margin"))
     return MetricPoint(
         label=label,
@@ -310,7 +350,19 @@ def metric_points(run: Mapping[str, Any]) -> dict[str, list[MetricPoint]]:
     return out
 
 
+#: Legend labels of the metric plot (tests find the drawn lines by them).
+ESTIMATE_LABEL = "difference (canary − stable), bars: promotion interval"
+ROLLBACK_LABEL = "rollback threshold: the dot past it rolls back"
+MARGIN_LABEL = "non-inferiority margin: the bar's far end within it promotes"
+
+
 def _metric_png(name: str, points: list[MetricPoint]) -> str | None:
+    fig = metric_figure(name, points)
+    return None if fig is None else _png(fig)
+
+
+def metric_figure(name: str, points: list[MetricPoint]):
+    """The matplotlib figure of one metric over the looks (``None`` when no look has a difference)."""
     if not any(p.difference is not None for p in points):
         return None
     plt = _pyplot()
@@ -319,21 +371,20 @@ def _metric_png(name: str, points: list[MetricPoint]) -> str | None:
     diffs = [p.difference if p.difference is not None else float("nan") for p in points]
     lows = [p.difference - p.low if p.low is not None and p.difference is not None else 0.0 for p in points]
     highs = [p.high - p.difference if p.high is not None and p.difference is not None else 0.0 for p in points]
-    ax.errorbar(xs, diffs, yerr=[lows, highs], fmt="o", color="#1f77b4", capsize=4,
-                label="difference (canary − stable) and interval")
+    ax.errorbar(xs, diffs, yerr=[lows, highs], fmt="o", color="#1f77b4", capsize=4, label=ESTIMATE_LABEL)
     ax.axhline(0.0, color="#888", lw=0.8)
     rb = [p.rollback_bound if p.rollback_bound is not None else float("nan") for p in points]
     if any(not math.isnan(v) for v in rb):
-        ax.plot(xs, rb, "--", color="#d62728", marker="_", label="rollback boundary")
+        ax.plot(xs, rb, "--", color="#d62728", marker="_", label=ROLLBACK_LABEL)
     ni = [p.noninferiority_bound if p.noninferiority_bound is not None else float("nan") for p in points]
     if any(not math.isnan(v) for v in ni):
-        ax.plot(xs, ni, ":", color="#2ca02c", marker="_", label="non-inferiority margin")
+        ax.plot(xs, ni, ":", color="#2ca02c", marker="_", label=MARGIN_LABEL)
     ax.set_xticks(xs)
     ax.set_xticklabels([p.label for p in points], rotation=20, fontsize=8)
     ax.set_title(name, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7)
-    return _png(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -394,7 +445,7 @@ def _dict_rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] |
 def _metric_table(points: list[MetricPoint]) -> str:
     rows = [
         {"look": p.label, "difference": p.difference, "interval low": p.low, "interval high": p.high,
-         "rollback boundary": p.rollback_bound, "non-inferiority margin": p.noninferiority_bound,
+         "rollback threshold": p.rollback_bound, "non-inferiority margin": p.noninferiority_bound,
          "status": p.status}
         for p in points
     ]
@@ -500,9 +551,14 @@ def render_report(run: Mapping[str, Any]) -> str:
     points = metric_points(run)
     if points:
         parts.append("<h2>Metrics at every look</h2>")
-        parts.append("<p>Difference is canary minus stable, in the metric's units. The run rolls back when the "
-                     "harm test crosses the rollback boundary; it promotes only when every metric's interval "
-                     "stays within its non-inferiority margin.</p>")
+        parts.append("<p>Everything is in the metric's units: the dot is the difference, canary minus stable. "
+                     "<b>Rollback</b> compares the dot itself with the red rollback threshold, the difference "
+                     "at which the harm statistic z_harm reaches its boundary (b_rollback times the standard "
+                     "error, t-adjusted when the judge had few degrees of freedom). The bars are the promotion "
+                     "interval (diff ± b_promotion × se): the run <b>promotes</b> only when every metric's bar "
+                     "stays within its green non-inferiority margin. A bar may cross the red line without a "
+                     "rollback. The circuit breaker, a separate always-valid test, can also roll back (see the "
+                     "decision records).</p>")
         for name, pts in points.items():
             parts.append(f"<h3>{_e(name)}</h3>")
             png = _metric_png(name, pts)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from canary.analysis import MetricPolicy, Policy, judge
+from canary.analysis.stats import t_to_z
 from canary.report import ReportError, build_run, metric_points, render_report, traffic_series, write_report
 
 T0 = datetime(2026, 11, 27, 10, 0, 0)
@@ -110,9 +111,14 @@ def test_rolled_back_run_report_shows_root_cause_and_boundaries(tmp_path):
 
     points = metric_points(run)["error_rate"]
     ev = verdicts[-1].metrics[0].to_dict()
-    # the rollback boundary on the difference scale is the judge's z boundary times its standard error
-    assert points[-1].rollback_bound == pytest.approx(ev["b_rollback"] * ev["se"])
-    assert points[-1].difference == pytest.approx(ev["diff"]) and points[-1].difference > points[-1].rollback_bound
+    # the rollback threshold in metric units is the difference at which the judge's z_harm reaches b_rollback:
+    # se times the t value of b_rollback on the judge's degrees of freedom (b_rollback * se only when df is
+    # infinite; this look has few clusters, so the threshold is further out)
+    assert ev["df"] is not None and ev["df"] < 100
+    threshold = points[-1].rollback_bound
+    assert t_to_z(threshold / ev["se"], ev["df"]) == pytest.approx(ev["b_rollback"])
+    assert threshold > ev["b_rollback"] * ev["se"]
+    assert points[-1].difference == pytest.approx(ev["diff"]) and points[-1].difference > threshold
     assert points[-1].noninferiority_bound == pytest.approx(0.01)
     assert points[-1].low == pytest.approx(ev["interval"][0])
 
