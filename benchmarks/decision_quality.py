@@ -4,8 +4,9 @@ Run:  PYTHONPATH=include:plugins .venv/bin/python benchmarks/decision_quality.py
 
 Every rollout is simulated at the level of sufficient statistics: per minute and arm, the request count and
 the count of bad outcomes (errors, latency above stable's pre-rollout p95, wrong predictions). Per-minute noise
-independent between the arms (the arms run on different replicas) multiplies each arm's rate by
-``exp(eps - s^2/2)``, ``eps ~ N(0, s^2)``, s = 0.15. The ramp is 1 -> 5 -> 25 -> 50 %; each step holds until
+multiplies each arm's rate by ``exp(eps - s^2/2)``, ``eps ~ N(0, s^2)``, s = 0.15: independent between the
+arms (they run on different replicas), or, in the ``shared`` scenarios, the same draw for both arms (one
+load or traffic-mix swing hits both). The ramp is 1 -> 5 -> 25 -> 50 %; each step holds until
 the planned canary samples of the step are reached (power plan: ``canary.analysis.planning``), at least
 5 minutes, and the look is taken at the end of the step. Two metrics per rollout: a critical rate (error
 rate, margin 10 % relative) and the latency exceedance share (stable's p95, so 5 % on stable; margin 0.01
@@ -57,6 +58,7 @@ class Scenario:
     drift: bool = False  # base rate and traffic drift over the day
     label_delay: int = 0  # minutes; the critical metric is then a label metric
     label_share: float = 0.8
+    shared_noise: bool = False  # the per-minute noise hits both arms alike (same load, same traffic mix)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -73,6 +75,10 @@ def scenarios() -> list[Scenario]:
     out.append(Scenario("ramp+drift +20%", 0.05, harm=0.2, traffic=2000, hold="time", drift=True, tags=("p20",)))
     out.append(Scenario("label delay A/A", 0.05, traffic=2000, label_delay=30, tags=("aa",)))
     out.append(Scenario("label delay +20%", 0.05, harm=0.2, traffic=2000, label_delay=30, tags=("p20",)))
+    out.append(Scenario("shared load A/A", 0.05, traffic=2000, shared_noise=True, tags=("aa",)))
+    out.append(Scenario("shared lat. margin", 0.05, lat_canary=LAT_BASE + 0.01, traffic=2000, shared_noise=True,
+                        tags=("margin_lat",)))
+    out.append(Scenario("shared +20%", 0.05, harm=0.2, traffic=2000, shared_noise=True, tags=("p20",)))
     return out
 
 
@@ -126,15 +132,20 @@ def simulate(sc: Scenario, reps: int, rng: np.random.Generator) -> Sim:
     nc = rng.binomial(tr, share)
     n = {"stable": tr - nc, "canary": nc}
 
-    def rate(p: np.ndarray) -> np.ndarray:
-        eps = rng.normal(0.0, NOISE, (reps, M))
+    shared: list[np.ndarray] = []
+
+    def rate(p: np.ndarray, arm: str) -> np.ndarray:
+        # independent noise: a draw per arm; shared noise: stable's draw is the canary's too
+        eps = shared.pop() if sc.shared_noise and arm == "canary" else rng.normal(0.0, NOISE, (reps, M))
+        if sc.shared_noise and arm == "stable":
+            shared.append(eps)
         return np.clip(p * np.exp(eps - NOISE**2 / 2), 0.0, 1.0)
 
     lab_n = {a: rng.binomial(n[a], sc.label_share) if sc.label_delay else n[a] for a in n}
-    bad = {"stable": rng.binomial(lab_n["stable"], rate(base)),
-           "canary": rng.binomial(lab_n["canary"], rate(base * (1 + sc.harm)))}
-    lat = {"stable": rng.binomial(n["stable"], rate(np.full(M, LAT_BASE))),
-           "canary": rng.binomial(n["canary"], rate(np.full(M, sc.lat_canary)))}
+    bad = {"stable": rng.binomial(lab_n["stable"], rate(base, "stable")),
+           "canary": rng.binomial(lab_n["canary"], rate(base * (1 + sc.harm), "canary"))}
+    lat = {"stable": rng.binomial(n["stable"], rate(np.full(M, LAT_BASE), "stable")),
+           "canary": rng.binomial(n["canary"], rate(np.full(M, sc.lat_canary), "canary"))}
     planned = int(round(plan.total)) if sc.hold == "samples" else int(
         round(sum(d * sc.traffic * p / 100 for d, p in zip(dur, STEPS, strict=True))))
     if sc.label_delay:

@@ -189,15 +189,13 @@ def _status(ev: Mapping[str, Any]) -> str | None:
 
 
 def _z_to_t(z: float, df: float | None) -> float:
-    """The inverse of the judge's ``t_to_z`` (``canary.analysis.stats``): the t value on ``df`` degrees of
-    freedom with the same upper tail probability as ``z``; ``z`` itself when ``df`` is unknown or infinite
-    (the judge stores an infinite ``df`` as null), as ``t_to_z`` does above 1e6 degrees of freedom."""
+    """:func:`canary.analysis.stats.z_to_t`, imported lazily (like matplotlib: only a report with finite
+    ``df`` needs scipy)."""
     if df is None or not math.isfinite(df) or df > 1e6 or not math.isfinite(z):
         return z
-    from scipy import special  # lazily, like matplotlib: only a report with finite df needs it
+    from canary.analysis.stats import z_to_t
 
-    t = -float(special.stdtrit(df, float(special.ndtr(-abs(z)))))
-    return math.copysign(t, z) if math.isfinite(t) else z
+    return z_to_t(z, df)
 
 
 def rollback_threshold(ev: Mapping[str, Any]) -> float | None:
@@ -224,9 +222,10 @@ def _point(label: str, ev: Mapping[str, Any]) -> MetricPoint:
 
     The judge's boundaries are on the z scale; the plot shows everything in metric units: the rollback
     threshold (:func:`rollback_threshold`), the non-inferiority margin ``sign * margin``, and the judge's
-    interval ``diff ± b_promotion * se``. The interval decides promotion (its far end within the margin
-    means non-inferior; exactly so when ``df`` is infinite, as the interval uses the z quantile); it plays no
-    part in a rollback, which compares the difference itself with the threshold.
+    interval ``diff ± t * se`` (``t``: the t value of ``b_promotion`` on the look's ``df``). The interval
+    decides promotion (its far end within an absolute margin means non-inferior, exactly; a relative margin
+    is tested in the Fieller form, so there it is close, not exact); it plays no part in a rollback, which
+    compares the difference itself with the threshold.
     """
     low, high = _interval(ev)
     sign = -1.0 if ev.get("direction") == "increase" else 1.0

@@ -182,3 +182,24 @@ def test_advance_names_estimates_beyond_their_margin_that_are_not_yet_significan
     better = judge(rollout({"stable": 0.02, "canary": 0.025}, steps=(1.0, 50.0), n_per_step=20000,
                            seed=8).query("step == 0"), policy)
     assert better.metrics[0].diff < 0 and better.reason == "no harm shown on any metric; gates hold", better.reason
+
+
+def test_interval_uses_the_t_value_so_it_agrees_with_the_non_inferiority_test():
+    """With few clusters (few degrees of freedom) the interval is diff +- t * se, t the t value of the
+    promotion boundary: its harm-side end is inside an absolute margin exactly when the test passes."""
+    from canary.analysis.stats import z_to_t
+
+    pol = Policy(metrics=(MetricPolicy("latency_ms", "latency_ms", kind="continuous", margin=4.0),),
+                 planned_canary_samples=2000, min_clusters=3, cluster_seconds=600)
+    df = rollout({"stable": 0.02, "canary": 0.02}, steps=(50.0,), n_per_step=4000, seed=3)
+    v = judge(df, pol, None, is_last_step=True)
+    ev = v.metrics[0]
+    assert ev.tested and 2 <= ev.df < 30  # three 10-minute clusters per arm
+    t = z_to_t(ev.b_promotion, ev.df)
+    assert t > ev.b_promotion * 1.05
+    assert ev.interval == pytest.approx((ev.diff - t * ev.se, ev.diff + t * ev.se))
+    for margin in np.linspace(0.2, 8.0, 40):  # the same look judged against many margins
+        p = Policy(metrics=(MetricPolicy("latency_ms", "latency_ms", kind="continuous", margin=float(margin)),),
+                   planned_canary_samples=2000, min_clusters=3, cluster_seconds=600)
+        e = judge(df, p, None, is_last_step=True).metrics[0]
+        assert e.non_inferior == (e.interval[1] < margin)

@@ -102,21 +102,72 @@ def test_single_cluster_comparison_is_welch_t():
 
 
 def test_cluster_robust_variance_by_hand():
-    # stable: 3 minutes, canary: 3 minutes; minute totals deliberately noisy
+    # 3 minutes, both arms in each; the minute totals vary more than binomial noise
     n_b, s_b = np.array([100.0, 100, 100]), np.array([5.0, 15, 10])
-    n_c, s_c = np.array([50.0, 50, 50]), np.array([2.0, 9, 4])
+    n_c = np.array([50.0, 50, 50])
+
+    def residual_share(n, s):  # each minute's residual sum over the arm's count
+        return (s - s.sum() / n.sum() * n) / n.sum()
+
+    iid_b, iid_c = 0.1 * 0.9 / 299, 0.1 * 0.9 / 149  # s^2 / N of a 10 % rate
+    # the canary's minutes swing against stable's: the paired cluster variance is above the per-request one
+    s_c = np.array([9.0, 2, 4])
     c = MetricCells.from_arrays([False] * 3 + [True] * 3, [0] * 6, [1, 2, 3, 1, 2, 3], np.r_[n_b, n_c],
                                 np.r_[s_b, s_c], np.r_[s_b, s_c])
     res = compare(c, MetricPolicy("err", "error"))
+    paired = 3 / 2 * ((residual_share(n_c, s_c) - residual_share(n_b, s_b)) ** 2).sum()
+    assert paired > iid_b + iid_c
+    assert res.se == pytest.approx(math.sqrt(paired)) and res.df == pytest.approx(2.0)
+    # the same swings in both arms (a load spike hits both) cancel in the difference: the floor, the
+    # per-request variance with Welch-Satterthwaite degrees of freedom, is used
+    s_c = np.array([2.0, 9, 4])
+    c = MetricCells.from_arrays([False] * 3 + [True] * 3, [0] * 6, [1, 2, 3, 1, 2, 3], np.r_[n_b, n_c],
+                                np.r_[s_b, s_c], np.r_[s_b, s_c])
+    res = compare(c, MetricPolicy("err", "error"))
+    paired = 3 / 2 * ((residual_share(n_c, s_c) - residual_share(n_b, s_b)) ** 2).sum()
+    per_arm = 3 / 2 * (residual_share(n_c, s_c) ** 2).sum() + 3 / 2 * (residual_share(n_b, s_b) ** 2).sum()
+    assert paired < iid_b + iid_c < per_arm  # counting the shared swing once per arm would double it
+    assert res.se == pytest.approx(math.sqrt(iid_b + iid_c))
+    assert res.df == pytest.approx((iid_b + iid_c) ** 2 / (iid_b**2 / 299 + iid_c**2 / 149))
+    # relative margin: the cluster terms of canary - k * stable
+    s_c = np.array([9.0, 2, 4])
+    c = MetricCells.from_arrays([False] * 3 + [True] * 3, [0] * 6, [1, 2, 3, 1, 2, 3], np.r_[n_b, n_c],
+                                np.r_[s_b, s_c], np.r_[s_b, s_c])
+    res = compare(c, MetricPolicy("err", "error", margin=0.5, margin_type="relative"))
+    k = 1.5
+    paired_k = 3 / 2 * ((residual_share(n_c, s_c) - k * residual_share(n_b, s_b)) ** 2).sum()
+    assert paired_k > k * k * iid_b + iid_c
+    t_ni = (0.1 - k * 0.1) / math.sqrt(paired_k)
+    assert res.z_ni == pytest.approx(t_to_z(-t_ni, 2.0))
 
-    def cr(n, s):
-        m = s.sum() / n.sum()
-        return 3 / 2 * ((s - m * n) ** 2).sum() / n.sum() ** 2
 
-    assert cr(n_b, s_b) > (0.1 * 0.9 / 299)  # the minutes vary more than binomial: CR is used
-    assert res.se == pytest.approx(math.sqrt(cr(n_b, s_b) + cr(n_c, s_c)))
-    vb, vc = cr(n_b, s_b), cr(n_c, s_c)
-    assert res.df == pytest.approx((vb + vc) ** 2 / (vb**2 / 2 + vc**2 / 2))
+def test_shared_noise_cancels_and_independent_noise_keeps_its_level():
+    """By simulation: per-minute noise common to both arms (load) does not widen the interval of the
+    difference, and independent noise keeps the rejection rate at alpha (A/A)."""
+    rng = np.random.default_rng(7)
+    reps, minutes, alpha = 3000, 30, 0.05
+    z = stats.norm.isf(alpha)
+    results = {}
+    for shared in (True, False):
+        se, rej = [], 0
+        for _ in range(reps):
+            eps_b = rng.normal(0, 0.3, minutes)
+            eps_c = eps_b if shared else rng.normal(0, 0.3, minutes)
+            nb, nc = np.full(minutes, 2000.0), np.full(minutes, 200.0)
+            xb = rng.binomial(2000, 0.05 * np.exp(eps_b - 0.045)).astype(float)
+            xc = rng.binomial(200, 0.05 * np.exp(eps_c - 0.045)).astype(float)
+            t = np.arange(minutes)
+            c = MetricCells.from_arrays(np.r_[np.zeros(minutes, bool), np.ones(minutes, bool)],
+                                        np.zeros(2 * minutes), np.r_[t, t], np.r_[nb, nc], np.r_[xb, xc],
+                                        np.r_[xb, xc])
+            res = compare(c, MetricPolicy("err", "error"))
+            se.append(res.se)
+            rej += res.z_harm > z
+        results[shared] = (float(np.mean(se)), rej / reps)
+    binomial = math.sqrt(0.05 * 0.95 * (1 / 60000 + 1 / 6000))
+    assert results[True][0] < 1.15 * binomial  # the shared swing cancels: close to the binomial se
+    assert results[False][0] > 1.3 * binomial  # independent swings stay in the variance
+    assert results[True][1] <= alpha + 0.012 and results[False][1] <= alpha + 0.012
 
 
 def test_stratified_by_step_removes_ramp_and_drift_bias():
@@ -227,3 +278,11 @@ def test_labelled_share_is_compared_within_steps():
         var += nb * nc * x * (n - x) / (n * n * (n - 1))
     assert res["p_value"] == pytest.approx(stats.chi2.sf(dev * dev / var, 1))
     assert res["mismatch"]
+
+
+def test_z_to_t_inverts_t_to_z():
+    from canary.analysis.stats import z_to_t
+
+    for t, df in [(2.0, 5), (3.1, 12.5), (-1.2, 40), (4.0, 3)]:
+        assert z_to_t(t_to_z(t, df), df) == pytest.approx(t, rel=1e-9)
+    assert z_to_t(1.7, None) == 1.7 and z_to_t(1.7, math.inf) == 1.7

@@ -31,7 +31,7 @@ from typing import Any
 from canary.analysis.boundaries import boundaries
 from canary.analysis.gates import circuit_breaker, labelled_share_test, srm_test
 from canary.analysis.policy import Policy
-from canary.analysis.stats import ArmStats, compare
+from canary.analysis.stats import ArmStats, compare, z_to_t
 
 DECISIONS = ("advance", "promote", "rollback", "extend")
 
@@ -218,7 +218,10 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
                                     times=tm)[-1]
         ev.harm = c.z_harm >= ev.b_rollback
         ev.non_inferior = c.z_ni >= ev.b_promotion
-        q = ev.b_promotion if math.isfinite(ev.b_promotion) else 3.0
+        # the repeated confidence interval of this look: the t value of the promotion boundary on the
+        # comparison's degrees of freedom, so its far end is within an absolute margin exactly when the
+        # non-inferiority test passes
+        q = z_to_t(ev.b_promotion if math.isfinite(ev.b_promotion) else 3.0, c.df)
         ev.interval = (c.diff - q * c.se, c.diff + q * c.se)
         record[m.name] = {"t": t, "u": u, "b_rollback": ev.b_rollback, "b_promotion": ev.b_promotion}
         if m.critical and policy.circuit_breaker_enabled:

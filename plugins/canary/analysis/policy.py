@@ -101,8 +101,9 @@ class Policy:
     :param promotion_spending: spending for the non-inferiority tests (default O'Brien-Fleming-type).
     :param hsd_gamma: the Hwang-Shih-DeCani parameter when a spending is ``hsd``.
     :param min_clusters: fewest time clusters per arm before a metric is tested at all (summed over steps).
-    :param cluster_seconds: width of a time cluster in seconds. The cluster-robust variance treats each
-        (arm, step, cluster) cell as one cluster, aligned to the epoch (cluster id = epoch seconds // width).
+    :param cluster_seconds: width of a time cluster in seconds. The cluster-robust variance of the difference
+        treats each (step, cluster) as one cluster holding both arms' requests of that time, aligned to the
+        epoch (cluster id = epoch seconds // width).
         60 (one per minute) suits holds of minutes to hours; high traffic or holds of seconds need a shorter
         width, or every step must hold ``min_clusters`` minutes before anything is tested, and with G clusters
         a cell has only G - 1 degrees of freedom. It must divide 3600, so clusters line up with whole minutes

@@ -174,6 +174,16 @@ def t_to_z(t: float, df: float) -> float:
     return math.copysign(float(z), t)
 
 
+def z_to_t(z: float, df: float | None) -> float:
+    """The inverse of :func:`t_to_z`: the t value on ``df`` degrees of freedom with the same upper tail
+    probability as ``z``; ``z`` itself when ``df`` is unknown or infinite (a record stores an infinite
+    ``df`` as null), as :func:`t_to_z` does above 1e6 degrees of freedom."""
+    if df is None or not math.isfinite(df) or df > 1e6 or not math.isfinite(z):
+        return z
+    t = -float(special.stdtrit(df, float(special.ndtr(-abs(z)))))
+    return math.copysign(t, z) if math.isfinite(t) else z
+
+
 def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool = False):
     """Per (step, arm) totals, mean, variance of the mean and degrees of freedom.
 
@@ -188,31 +198,73 @@ def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool = Fals
     has = c.n > 0
     N = np.bincount(key, c.n, size)
     S1 = np.bincount(key, c.s1, size)
-    S2 = np.bincount(key, c.s2, size)
     G = np.bincount(key[has], minlength=size).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = S1 / N
         e = c.s1 - m[key] * c.n
         R = np.bincount(key, e * e, size)
         v_cr = np.where(G >= 2, G / np.maximum(G - 1.0, 1.0) * R / (N * N), np.nan)
-        s2 = np.maximum(S2 / N - m * m, 0.0) * N / (N - 1.0)
-        v_iid = s2 / N
-    if binary:
-        p = (S1 + 0.5) / (N + 1.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            v_iid = np.where((N > 0) & (v_iid <= 0.0), p * (1.0 - p) / N, v_iid)
+    v_iid = _iid_variance(c, nstep, step_idx, binary)
     use_cr = v_cr > v_iid
     v = np.where(use_cr, v_cr, v_iid)
     dfc = np.where(use_cr, G - 1.0, N - 1.0)
     return N, m, v, dfc, G
 
 
+def _iid_variance(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool) -> np.ndarray:
+    """Per (step, arm) the per-request variance of the mean (``s^2 / N``; a binary metric without variation
+    gets the half-event pseudo-count of :func:`_cells`)."""
+    key = step_idx * 2 + c.canary.astype(np.int64)
+    size = nstep * 2
+    N = np.bincount(key, c.n, size)
+    S1 = np.bincount(key, c.s1, size)
+    S2 = np.bincount(key, c.s2, size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = S1 / N
+        v = np.maximum(S2 / N - m * m, 0.0) * N / (N - 1.0) / N
+        if binary:
+            p = (S1 + 0.5) / (N + 1.0)
+            v = np.where((N > 0) & (v <= 0.0), p * (1.0 - p) / N, v)
+    return v
+
+
+def _paired_sums(c: MetricCells, step_idx: np.ndarray, nstep: int, m: np.ndarray, N: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per step ``sum_g a_g^2``, ``sum_g b_g^2``, ``sum_g a_g b_g`` and the number of clusters ``G`` (with
+    data in either arm), where ``a_g`` and ``b_g`` are the canary's and stable's residual sums in time
+    cluster g over their arm's count (each arm's share of the difference's error from that cluster)."""
+    key = step_idx * 2 + c.canary.astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = (c.s1 - m[key] * c.n) / N[key]
+    share = np.where(c.n > 0, share, 0.0)
+    _, g = np.unique(np.stack([step_idx, c.cluster]), axis=1, return_inverse=True)
+    g = g.ravel()
+    ng = int(g.max()) + 1 if len(g) else 0
+    a = np.bincount(g, np.where(c.canary, share, 0.0), ng)
+    b = np.bincount(g, np.where(c.canary, 0.0, share), ng)
+    gstep = np.zeros(ng, dtype=np.int64)
+    gstep[g] = step_idx
+    has = np.bincount(g, c.n, ng) > 0
+    return (np.bincount(gstep, a * a, nstep), np.bincount(gstep, b * b, nstep), np.bincount(gstep, a * b, nstep),
+            np.bincount(gstep[has], minlength=nstep).astype(float))
+
+
 def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
-    """Stratified comparison of the two arms; ``None`` when no step has data in both arms."""
+    """Stratified comparison of the two arms; ``None`` when no step has data in both arms.
+
+    Within a step the variance of ``canary - k * stable`` is cluster-robust over the time clusters the two
+    arms share: ``G / (G - 1) * sum_g (a_g - k b_g)^2`` (``a_g``, ``b_g``: :func:`_paired_sums`), on ``G -
+    1`` degrees of freedom. Noise common to both arms in a cluster (the same load, the same traffic mix)
+    cancels in the difference instead of being counted once per arm, and noise independent between the
+    arms gives the same expected variance as the per-arm sum. It is never below the per-request variance
+    of the difference (``k^2 v_stable + v_canary`` from :func:`_cells`, with the half-event floor of a
+    binary metric); when that floor is larger it is used, with Welch-Satterthwaite degrees of freedom.
+    """
     steps, step_idx = np.unique(c.step, return_inverse=True)
     if len(steps) == 0:
         return None
-    N, m, v, dfc, G = _cells(c, len(steps), step_idx, binary=metric.kind in ("binary", "latency_threshold"))
+    binary = metric.kind in ("binary", "latency_threshold")
+    N, m, v, dfc, G = _cells(c, len(steps), step_idx, binary=binary)
     Nb, Nc = N[0::2], N[1::2]
     valid = (Nb >= 2) & (Nc >= 2) & np.isfinite(v[0::2]) & np.isfinite(v[1::2])
     if not valid.any():
@@ -220,17 +272,29 @@ def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     w = np.where(valid, Nb * Nc / np.maximum(Nb + Nc, 1.0), 0.0)
     w = w / w.sum()
     mb, mc = np.where(valid, m[0::2], 0.0), np.where(valid, m[1::2], 0.0)
-    vb, vc = np.where(valid, v[0::2], 0.0), np.where(valid, v[1::2], 0.0)
-    db, dc = dfc[0::2], dfc[1::2]
+    # per-request (iid) variances of each arm's mean: the floor of the paired cluster variance
+    vi = _iid_variance(c, len(steps), step_idx, binary)
+    vib, vic = np.where(valid, vi[0::2], 0.0), np.where(valid, vi[1::2], 0.0)
+    dib, dic = np.maximum(Nb - 1.0, 1.0), np.maximum(Nc - 1.0, 1.0)
+    A, B, C, Gs = _paired_sums(c, step_idx, len(steps), m, N)
     stable_mean, canary_mean = float(w @ mb), float(w @ mc)
     diff = canary_mean - stable_mean
     sign = metric.sign
 
     def z_and_df(k: float, shift: float) -> tuple[float, float, float]:
-        comp_b, comp_c = w * w * k * k * vb, w * w * vc
-        var = float(comp_b.sum() + comp_c.sum())
+        floor = k * k * vib + vic
         with np.errstate(invalid="ignore", divide="ignore"):
-            den = np.where(valid, comp_b**2 / np.maximum(db, 1.0) + comp_c**2 / np.maximum(dc, 1.0), 0.0).sum()
+            paired = np.where(Gs >= 2, Gs / np.maximum(Gs - 1.0, 1.0) * np.maximum(A - 2 * k * C + k * k * B, 0.0),
+                              np.nan)
+            use = np.isfinite(paired) & (paired > floor)
+            vs = np.where(valid, np.where(use, paired, floor), 0.0)
+            # degrees of freedom per step: G - 1 for the cluster variance, else Welch-Satterthwaite
+            dw = np.where(valid & (floor > 0), floor * floor / ((k * k * vib) ** 2 / dib + vic * vic / dic), 1.0)
+            dfs = np.where(use, Gs - 1.0, dw)
+        comp = w * w * vs
+        var = float(comp.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = np.where(valid & (comp > 0), comp**2 / np.maximum(dfs, 1.0), 0.0).sum()
         dof = var * var / den if den > 0 else math.inf
         se = math.sqrt(var)
         est = float(w @ (mc - k * mb)) - shift
