@@ -286,3 +286,26 @@ def test_z_to_t_inverts_t_to_z():
     for t, df in [(2.0, 5), (3.1, 12.5), (-1.2, 40), (4.0, 3)]:
         assert z_to_t(t_to_z(t, df), df) == pytest.approx(t, rel=1e-9)
     assert z_to_t(1.7, None) == 1.7 and z_to_t(1.7, math.inf) == 1.7
+
+
+def test_an_arm_in_few_clusters_keeps_its_few_degrees_of_freedom():
+    """Stable in 60 minutes, a bursty canary in 3 (or 1): the canary's residuals sum to zero over its few
+    clusters, so they carry only that many degrees of freedom. Counting stable's 60 would make the variance
+    too small (se 3.8 on 59 df here); the paired variance uses the arm with fewer clusters, and an arm in a
+    single cluster leaves the step to the per-arm variances."""
+    def cells(canary_clusters, shifts):
+        can, cl, n, s1, s2 = [], [], [], [], []
+        for g in range(60):
+            can.append(False), cl.append(g), n.append(50), s1.append(50 * 100.0), s2.append(50 * (100.0**2 + 100))
+        for g, sh in zip(canary_clusters, shifts, strict=True):
+            mu = 100.0 + sh
+            can.append(True), cl.append(g), n.append(20), s1.append(20 * mu), s2.append(20 * (mu * mu + 100))
+        return MetricCells.from_arrays(can, [0] * len(can), cl, n, s1, s2)
+
+    m = MetricPolicy("lat", "latency_ms", "continuous", margin=5.0)
+    res = compare(cells((5, 30, 55), (8.0, -8.0, 0.0)), m)
+    canary_cr = 3 / 2 * (20 * 8.0) ** 2 * 2 / 60**2  # the canary's own CR1 variance of its mean
+    assert res.df == pytest.approx(2.0, abs=0.05)
+    assert res.se >= math.sqrt(canary_cr)
+    one = compare(cells((5,), (8.0,)), m)  # one cluster: its per-request variance must stay in
+    assert one.se ** 2 >= 100 / 20 and one.df < 25

@@ -1,15 +1,16 @@
 """Sufficient statistics per (metric, arm, step, time cluster) and the stratified two-arm comparison.
 
-Every number the judge tests comes from :func:`compare`: per step and arm the mean and a variance that is
-robust to noise over time that is independent between arms (cluster-robust "CR1" variance over time
-clusters of ``policy.cluster_seconds``, one minute by default, never below the per-request variance),
-combined over steps with Cochran-Mantel-Haenszel weights (``n_canary * n_stable / (n_canary + n_stable)``
-per step; they do not depend on the outcomes). A (step, arm) cell with G clusters gets G - 1 degrees of
-freedom when its cluster variance is used, so a shorter width gives more clusters and narrower boundaries,
-as long as the noise it must absorb (replica load, traffic mix) varies on a longer scale than the width. Combining
-within steps means a ramping canary share plus a base rate that drifts over the day cannot create a
-difference. Degrees of freedom follow Welch-Satterthwaite over the (step, arm) cells, and the t statistic is
-mapped to the z scale (same tail probability) so group-sequential boundaries apply unchanged.
+Every number the judge tests comes from :func:`compare`: per step the difference of the arms' means and
+its variance, cluster-robust ("CR1") over the time clusters of ``policy.cluster_seconds`` (one minute by
+default) that the arms share, so noise over time that is independent between the arms is counted and noise
+common to both (the same load, the same traffic mix) cancels; never below the per-request variance. Steps
+are combined with Cochran-Mantel-Haenszel weights (``n_canary * n_stable / (n_canary + n_stable)`` per step;
+they do not depend on the outcomes). A step gets G - 1 degrees of freedom when its cluster variance is used
+(G: the clusters of the arm with fewer), so a shorter width gives more clusters and narrower boundaries, as
+long as the noise it must absorb (replica load, traffic mix) varies on a longer scale than the width.
+Combining within steps means a ramping canary share plus a base rate that drifts over the day cannot create
+a difference. Degrees of freedom follow Welch-Satterthwaite over the steps, and the t statistic is mapped to
+the z scale (same tail probability) so group-sequential boundaries apply unchanged.
 """
 
 from __future__ import annotations
@@ -252,13 +253,17 @@ def _paired_sums(c: MetricCells, step_idx: np.ndarray, nstep: int, m: np.ndarray
 def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     """Stratified comparison of the two arms; ``None`` when no step has data in both arms.
 
-    Within a step the variance of ``canary - k * stable`` is cluster-robust over the time clusters the two
-    arms share: ``G / (G - 1) * sum_g (a_g - k b_g)^2`` (``a_g``, ``b_g``: :func:`_paired_sums`), on ``G -
-    1`` degrees of freedom. Noise common to both arms in a cluster (the same load, the same traffic mix)
-    cancels in the difference instead of being counted once per arm, and noise independent between the
-    arms gives the same expected variance as the per-arm sum. It is never below the per-request variance
-    of the difference (``k^2 v_stable + v_canary`` from :func:`_cells`, with the half-event floor of a
-    binary metric); when that floor is larger it is used, with Welch-Satterthwaite degrees of freedom.
+    Within a step the variance of ``canary - k * stable`` is cluster-robust over the time clusters:
+    ``G / (G - 1) * sum_g (a_g - k b_g)^2`` (``a_g``, ``b_g``: :func:`_paired_sums`), on ``G - 1`` degrees
+    of freedom, with G the clusters of the arm that has fewer (an arm in few clusters has residuals that sum
+    to zero over those few, so they carry only that many degrees of freedom; counting the other arm's
+    clusters would make the variance too small). Noise common to both arms in a cluster (the same load, the
+    same traffic mix) cancels in the difference instead of being counted once per arm, and noise
+    independent between the arms gives the same expected variance as the per-arm sum. It is never below
+    the per-request variance of the difference (``k^2 v_stable + v_canary``, with the half-event floor of a
+    binary metric); when that floor is larger it is used, with Welch-Satterthwaite degrees of freedom. An
+    arm with fewer than two clusters in the step leaves the step to the per-arm variances of
+    :func:`_cells` (each cluster-robust or per-request), summed, with Welch-Satterthwaite degrees of freedom.
     """
     steps, step_idx = np.unique(c.step, return_inverse=True)
     if len(steps) == 0:
@@ -276,21 +281,29 @@ def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     vi = _iid_variance(c, len(steps), step_idx, binary)
     vib, vic = np.where(valid, vi[0::2], 0.0), np.where(valid, vi[1::2], 0.0)
     dib, dic = np.maximum(Nb - 1.0, 1.0), np.maximum(Nc - 1.0, 1.0)
-    A, B, C, Gs = _paired_sums(c, step_idx, len(steps), m, N)
+    A, B, C, _ = _paired_sums(c, step_idx, len(steps), m, N)
+    Gm = np.minimum(G[0::2], G[1::2])  # clusters of the arm with fewer, per step
+    vab, vac = np.where(valid, v[0::2], 0.0), np.where(valid, v[1::2], 0.0)  # per-arm (CR or iid)
+    dab, dac = np.maximum(dfc[0::2], 1.0), np.maximum(dfc[1::2], 1.0)
     stable_mean, canary_mean = float(w @ mb), float(w @ mc)
     diff = canary_mean - stable_mean
     sign = metric.sign
 
     def z_and_df(k: float, shift: float) -> tuple[float, float, float]:
         floor = k * k * vib + vic
+        per_arm = k * k * vab + vac
         with np.errstate(invalid="ignore", divide="ignore"):
-            paired = np.where(Gs >= 2, Gs / np.maximum(Gs - 1.0, 1.0) * np.maximum(A - 2 * k * C + k * k * B, 0.0),
+            pairable = Gm >= 2
+            paired = np.where(pairable, Gm / np.maximum(Gm - 1.0, 1.0) * np.maximum(A - 2 * k * C + k * k * B, 0.0),
                               np.nan)
-            use = np.isfinite(paired) & (paired > floor)
-            vs = np.where(valid, np.where(use, paired, floor), 0.0)
-            # degrees of freedom per step: G - 1 for the cluster variance, else Welch-Satterthwaite
+            use = pairable & (paired > floor)
+            vs = np.where(valid, np.where(use, paired, np.where(pairable, floor, per_arm)), 0.0)
+            # degrees of freedom per step: G - 1 for the paired cluster variance, else Welch-Satterthwaite
+            # (over the per-request variances, or over the per-arm ones with their own degrees of freedom)
             dw = np.where(valid & (floor > 0), floor * floor / ((k * k * vib) ** 2 / dib + vic * vic / dic), 1.0)
-            dfs = np.where(use, Gs - 1.0, dw)
+            da = np.where(valid & (per_arm > 0), per_arm * per_arm / ((k * k * vab) ** 2 / dab + vac * vac / dac),
+                          1.0)
+            dfs = np.where(use, Gm - 1.0, np.where(pairable, dw, da))
         comp = w * w * vs
         var = float(comp.sum())
         with np.errstate(invalid="ignore", divide="ignore"):
