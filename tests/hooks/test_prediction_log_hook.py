@@ -146,5 +146,14 @@ def test_window_rows_sample_labels_and_features(tmp_path, set_conn):
     assert min(times) < T0.replace(tzinfo=None) + timedelta(seconds=10) <= max(times) - timedelta(seconds=10)
     assert [r["request_id"] for r in sample] == [r["request_id"] for r in hook.window_rows(
         "fraud", start=T0, end=end, versions={"stable": "v1", "canary": "v2"}, limit=10)]
+    # a small limit reads only the rows below a key cut (no sort of the window): still the bottom-k by key
+    from canary.analysis.sql import _sample_key
+
+    with hook.engine.connect() as db:
+        want = {r[0] for r in db.execute(sa.text(
+            f"SELECT p.request_id FROM predictions p WHERE p.model = 'fraud' AND p.arm IN ('stable', 'canary') "
+            f"ORDER BY {_sample_key('sqlite')}, p.request_id LIMIT 2"))}
+    two = hook.window_rows("fraud", start=T0, end=end, versions={"stable": "v1", "canary": "v2"}, limit=2)
+    assert {r["request_id"] for r in two} == want
     only_canary = hook.window_rows("fraud", start=T0, end=end, versions={"canary": "v2"})
     assert {r["arm"] for r in only_canary} == {"canary"} and len(only_canary) == 10
