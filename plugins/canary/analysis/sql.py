@@ -50,7 +50,8 @@ def _connect(bind: Any, snapshot: bool = False):
             if snapshot and conn.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
             elif snapshot and conn.dialect.name == "sqlite" and \
-                    str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal":
+                    str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal" and \
+                    not conn.connection.dbapi_connection.in_transaction:  # (an engine that begins its own)
                 conn.exec_driver_sql("BEGIN")  # the rollback when the connection closes ends it
             yield conn
     else:
