@@ -136,7 +136,8 @@ class MetricPoint:
 
     :param label: the look's label on the x axis (``s2·l1 5%``).
     :param difference: canary minus stable estimate (metric units).
-    :param low: lower end of the judge's interval of the difference (``diff - b_promotion * se``).
+    :param low: lower end of the judge's interval of the difference (``diff - t * se``, ``t`` the t value of
+        ``b_promotion`` on the look's ``df``).
     :param high: upper end.
     :param rollback_bound: the rollback threshold in metric units: the difference at which the harm statistic
         ``z_harm`` reaches its boundary ``b_rollback`` at this look (harm side: above 0 for ``decrease``
@@ -554,7 +555,7 @@ def render_report(run: Mapping[str, Any]) -> str:
                      "<b>Rollback</b> compares the dot itself with the red rollback threshold, the difference "
                      "at which the harm statistic z_harm reaches its boundary (b_rollback times the standard "
                      "error, t-adjusted when the judge had few degrees of freedom). The bars are the promotion "
-                     "interval (diff ± b_promotion × se): the run <b>promotes</b> only when every metric's bar "
+                     "interval (diff ± t × se, t the promotion boundary on the look's degrees of freedom): the run <b>promotes</b> only when every metric's bar "
                      "stays within its green non-inferiority margin. A bar may cross the red line without a "
                      "rollback. The circuit breaker, a separate always-valid test, can also roll back (see the "
                      "decision records).</p>")
