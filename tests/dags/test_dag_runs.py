@@ -20,6 +20,7 @@ from canary import dag_factory, runtime
 from canary.operators import AnalyzeOperator
 from canary.sensors import HoldSensor, PostDeployHoldSensor
 from pause_answer import PauseAnswer
+from rollouts_folder import rollouts_folder
 
 DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "canary_rollouts.py"
 SPEC = "model: wire\nsteps: [5, 50]\non_inconclusive: pause\n"
@@ -27,15 +28,7 @@ SPEC = "model: wire\nsteps: [5, 50]\non_inconclusive: pause\n"
 
 @pytest.fixture(scope="module")
 def spec_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from airflow.utils.db import initdb
-
-    folder = tmp_path_factory.mktemp("rollouts")
-    (folder / "wire.yaml").write_text(SPEC)
-    with pytest.MonkeyPatch.context() as mp:
-        # dag.test() re-parses the DAG folder to serialize the DAG; point the DAG file at this spec only.
-        mp.setenv(dag_factory.ROLLOUTS_DIR_ENV, str(folder))
-        initdb()
-        yield folder / "wire.yaml"
+    yield from rollouts_folder(tmp_path_factory, "wire", SPEC)
 
 
 class Recorder:

@@ -13,20 +13,14 @@ from typing import Any
 
 import pytest
 from canary import dag_factory, runtime
+from rollouts_folder import rollouts_folder
 
 SPEC = "model: quiet\nsteps: [5, 50]\n"
 
 
 @pytest.fixture(scope="module")
 def spec_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from airflow.utils.db import initdb
-
-    folder = tmp_path_factory.mktemp("rollouts")
-    (folder / "quiet.yaml").write_text(SPEC)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(dag_factory.ROLLOUTS_DIR_ENV, str(folder))  # dag.test() re-parses the DAG folder
-        initdb()
-        yield folder / "quiet.yaml"
+    yield from rollouts_folder(tmp_path_factory, "quiet", SPEC)
 
 
 @pytest.mark.parametrize(
