@@ -203,3 +203,36 @@ def test_interval_uses_the_t_value_so_it_agrees_with_the_non_inferiority_test():
                    planned_canary_samples=2000, min_clusters=3, cluster_seconds=600)
         e = judge(df, p, None, is_last_step=True).metrics[0]
         assert e.non_inferior == (e.interval[1] < margin)
+
+
+def test_an_extend_after_the_plans_final_analysis_is_final():
+    """On the last step, once a metric has spent all its promotion alpha (information past the plan)
+    without being shown non-inferior, later looks have an infinite boundary for it: the verdict says the
+    extend is final, so the caller applies on_inconclusive instead of holding the share until the cap."""
+    tight = Policy(metrics=(MetricPolicy("error_rate", "error", critical=True, margin=0.01, margin_type="relative"),),
+                   planned_canary_samples=2000, circuit_breaker_alpha=0.001)
+    df = rollout({"stable": 0.02, "canary": 0.02}, steps=(50.0,))
+    first = judge(df[df.ts < T0 + pd.Timedelta(minutes=20)], tight, None, is_last_step=True)
+    assert first.decision == "extend" and first.metrics[0].information == 1.0 and first.final
+    assert "no later look can promote" in first.reason and first.to_dict()["final"] is True
+    later = judge(df, tight, first.history, is_last_step=True)
+    assert later.decision == "extend" and later.metrics[0].b_promotion == float("inf")  # why it is final
+    # before the plan's information is reached the extend is an ordinary one
+    far = Policy(metrics=tight.metrics, planned_canary_samples=400_000, circuit_breaker_alpha=0.001)
+    assert not judge(df, far, None, is_last_step=True).final
+    # and an earlier step never ends this way (its alpha is kept for the later steps)
+    assert not judge(df, tight, None, is_last_step=False).final
+
+
+def test_an_advance_names_the_metrics_it_could_not_test():
+    """A step advances on its tested metrics; one the look could not test (here: no values logged yet) is
+    named, so "no harm shown" is not read as covering it."""
+    pol = Policy(metrics=(*POLICY.metrics, MetricPolicy("score", "score", kind="continuous", margin=0.1)),
+                 planned_canary_samples=24000, circuit_breaker_alpha=0.001)
+    df = rollout({"stable": 0.02, "canary": 0.02}, steps=(10.0, 50.0))
+    df["score"] = np.nan
+    v = judge(df[df.step == 0], pol, None, is_last_step=False)
+    assert v.decision == "advance", v.reason
+    assert "no harm shown on any tested metric" in v.reason and "not tested at this look: score (" in v.reason
+    full = judge(df[df.step == 0], POLICY, None, is_last_step=False)
+    assert full.decision == "advance" and "not tested" not in full.reason, full.reason

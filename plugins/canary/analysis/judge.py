@@ -124,10 +124,15 @@ class Verdict:
     look: int = 0
     is_last_step: bool = False
     history: LookHistory = field(default_factory=LookHistory)
+    #: an ``extend`` that no later look can turn into a promotion: on the last step a metric spent all its
+    #: promotion alpha (the plan's final analysis) without being shown non-inferior, so every later look
+    #: has an infinite boundary for it. The caller treats it like the cap (``on_inconclusive``) instead of
+    #: holding the canary's share with only the circuit breaker watching.
+    final: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (XCom)."""
-        return {"decision": self.decision, "reason": self.reason, "look": self.look,
+        return {"decision": self.decision, "reason": self.reason, "look": self.look, "final": self.final,
                 "is_last_step": self.is_last_step, "metrics": [m.to_dict() for m in self.metrics],
                 "srm": self.srm, "labels": self.labels, "data_quality": self.data_quality, "drift": self.drift,
                 "history": self.history.to_dict()}
@@ -231,8 +236,15 @@ def judge(observations: Any, policy: Policy, history: LookHistory | dict | None 
     srm = srm_test(stats.traffic, policy.srm_alpha, policy.expected_canary_share)
     labels = {name: labelled_share_test(lab, policy.srm_alpha) for name, lab in stats.labels.items()}
     decision, reason = _decide(policy, evidence, srm, labels, data_quality, drift, is_last_step)
+    spent = [e.name for e in evidence if e.tested and not e.non_inferior and e.information is not None
+             and e.information >= 1.0]
+    final = decision == "extend" and is_last_step and bool(spent)
+    if final:
+        reason += (f"; {', '.join(spent)} spent all its promotion alpha (the plan's final analysis) without being "
+                   "shown non-inferior, so no later look can promote: inconclusive")
     new_hist = LookHistory(looks=[*hist.looks, {"look": look, "decision": decision, "metrics": record}])
-    return Verdict(decision, reason, evidence, srm, labels, data_quality, drift, look, is_last_step, new_hist)
+    return Verdict(decision, reason, evidence, srm, labels, data_quality, drift, look, is_last_step, new_hist,
+                   final)
 
 
 def _fmt(x: float | None) -> str:
@@ -277,7 +289,12 @@ def _decide(policy: Policy, ev: list[MetricEvidence], srm: dict, labels: dict, d
         missing = [e.name for e in ev if e.critical and not e.tested]
         if missing:
             return "extend", f"critical metrics not testable yet: {', '.join(missing)}"
-        reason = "no harm shown on any metric; gates hold"
+        untested = [e for e in ev if not e.tested]
+        reason = "no harm shown on any tested metric; gates hold" if untested else \
+            "no harm shown on any metric; gates hold"
+        if untested:  # a reader must not take "no harm shown" for metrics the look could not test
+            reason += "; not tested at this look: " + "; ".join(f"{e.name} ({e.note or 'no data'})"
+                                                                for e in untested)
         # Not a reason to stop (the harm test has not crossed its boundary), but a reader of "no harm shown"
         # should see which estimates already sit beyond their margin: the next step will look again.
         watch = [e for e in ev if e.tested and e.diff is not None and e.margin is not None

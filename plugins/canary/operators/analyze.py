@@ -132,15 +132,21 @@ class AnalyzeOperator(BaseOperator):
             at_cap = look_at >= cap
             result = runtime.analyze(plan, pre, steps, hist, final_look=at_cap)
             decision = result["verdict"]["decision"]
+            # an extend at the cap, or one no later look can turn into a promotion (the judge's ``final``),
+            # ends the step: the record says so, not "keep holding"
+            ends = decision == "extend" and (at_cap or bool(result["verdict"].get("final")))
+            if ends:
+                applies = plan["spec"].get("on_inconclusive", "rollback")
+                why = (f"the step reached its cap (max_wait {settings.max_wait_s:.0f}s)" if at_cap else
+                       "no later look can promote (all promotion alpha spent)")
+                result["verdict"] = {**result["verdict"], "final": True,
+                                     "reason": f"inconclusive, {why}: on_inconclusive={applies} applies; "
+                                               + result["verdict"]["reason"]}
+                result["record"] += f"\nINCONCLUSIVE -> {applies.upper()}: {why}; the spec's on_inconclusive applies"
             looks.append({"look_at": iso(look_at), "verdict": result["verdict"], "record": result["record"]})
             self.log.info("decision record, step %s, look %d of this step (the record counts the run's looks):"
                           "\n%s", self.step_index, look + 1, result["record"])
-            if decision != "extend" or at_cap:
-                if decision == "extend":
-                    self.log.info(
-                        "step %s reached its cap (max_wait %.0fs) still inconclusive: on_inconclusive=%s applies",
-                        self.step_index, settings.max_wait_s, plan["spec"].get("on_inconclusive", "rollback"),
-                    )
+            if decision != "extend" or ends:
                 return {**result, "look_at": iso(look_at), "looks": looks, "look_count": look + 1,
                         "step_index": int(self.step_index), "at_cap": bool(at_cap)}
             look += 1
