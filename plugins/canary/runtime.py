@@ -20,6 +20,7 @@ returns it instead of changing traffic again.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
     "version_count",
     "circuit_breaker",
     "power_plan",
+    "power_warnings",
     "baseline_required",
     "offline_gate",
     "root_cause",
@@ -624,6 +626,59 @@ def _promotion_samples(spec: dict[str, Any], baseline: dict[str, Any]) -> dict[s
     return out
 
 
+def power_warnings(spec: dict[str, Any], baseline: dict[str, Any], pp: dict[str, Any]) -> list[dict[str, Any]]:
+    """Metrics whose promotion test the schedule cannot power, as ``{"metric", "problem", "message", ...}``.
+
+    Pure. ``underpowered``: the canary samples the schedule can expose at most (stable's measured request
+    rate x each step's canary share x ``hold.max_wait``, summed; label metrics x the labelled share) fall short
+    of the samples the non-inferiority test needs for 80 % power (``pp["promotion_samples"]``), so even a
+    candidate identical to stable is unlikely to be promoted. ``zero_base_rate``: a relative margin on a
+    metric whose base rate on stable is 0, which makes the margin 0. Pre-flight logs these as warnings and
+    runs on (it does not refuse).
+    """
+    hold = spec.get("hold") or {}
+    max_wait = _seconds(hold.get("max_wait", 7200))
+    rate = float(baseline.get("rate_per_s") or 0.0)
+    labelled_share = float(baseline.get("labelled_share") or 0.0)
+    steps = [float(p) for p in spec.get("steps", [])]
+    exposed_all = sum(rate * p / 100.0 * max_wait for p in steps)
+    promotion = pp.get("promotion_samples") or {}
+    out: list[dict[str, Any]] = []
+    for m in spec.get("metrics", []):
+        name = m["name"]
+        base = (baseline.get("base_rates") or {}).get(name)
+        if m.get("margin_type") == "relative" and base is not None and float(base) == 0.0:
+            out.append({
+                "metric": name, "problem": "zero_base_rate", "base_rate": 0.0, "margin": m.get("margin"),
+                "message": (
+                    f"metric {name}: margin {m.get('margin')} is relative and stable's base rate in the reference "
+                    f"window is 0, so the margin is 0 and nothing can be shown non-inferior: an identical "
+                    f"candidate will not be promoted. Fix: give metric {name} an absolute margin "
+                    f"(margin_type: absolute, margin: the largest harm you accept in the metric's units)."
+                ),
+            })
+            continue
+        need = (promotion.get(name) or {}).get("total")
+        if not need:
+            continue
+        label = m.get("source") in _LABEL_SOURCES
+        exposed = int(exposed_all * (labelled_share if label else 1.0))
+        if exposed >= int(need):
+            continue
+        what = "labelled canary samples" if label else "canary samples"
+        out.append({
+            "metric": name, "problem": "underpowered", "samples_needed": int(need), "samples_exposed": exposed,
+            "message": (
+                f"metric {name}: the promotion test needs ~{int(need)} {what} for 80% power, but the schedule "
+                f"exposes at most ~{exposed} ({rate:.2f} req/s x steps {spec.get('steps')}% x hold.max_wait "
+                f"{max_wait:.0f}s" + (f" x labelled share {labelled_share:.2f}" if label else "") + "), so even a "
+                "candidate identical to stable will likely end inconclusive rather than promoted. Fix: a wider "
+                f"margin for {name}, a longer hold.max_wait, or fewer, larger steps."
+            ),
+        })
+    return out
+
+
 def power_plan_text(model: str, stable: str, candidate: str, plan: dict[str, Any]) -> str:
     """The power plan as a few readable lines for the task log."""
     lines = [
@@ -713,7 +768,9 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
     baseline (:func:`baseline_required`), and computes the power plan.
 
     :returns: ``{"stable", "candidate", "generation", "rollout_started_at", "baseline": {"latency_p95_ms",
-        "base_rates": {metric: rate}, "reference_window": [start, end]}, "power_plan"}``.
+        "base_rates": {metric: rate}, "reference_window": [start, end]}, "power_plan", "power_warnings"}``;
+        ``power_warnings`` (also in ``power_plan``) lists the metrics the schedule cannot power
+        (:func:`power_warnings`), each logged as a WARNING; they do not stop the run.
     :raises AirflowSkipException: a scheduled run finds no version newer than stable.
     """
     from airflow.sdk.exceptions import AirflowSkipException
@@ -788,6 +845,11 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
         )
     pp = power_plan(spec, baseline)
     _log("%s", power_plan_text(model, stable, candidate, pp))
+    # Warn, do not refuse: the run still guards against harm; it just cannot promote an equal candidate.
+    warnings = power_warnings(spec, baseline, pp)
+    pp["power_warnings"] = warnings
+    for w in warnings:
+        logging.getLogger("canary.runtime").warning("pre-flight power check: %s", w["message"])
     if not pp["fits_deadline"]:
         raise _fail(
             f"pre-flight: the rollout of {model} cannot finish within its deadline: expected "
@@ -803,6 +865,7 @@ def preflight(plan: dict[str, Any]) -> dict[str, Any]:
         "rollout_started_at": iso(now),
         "baseline": baseline,
         "power_plan": pp,
+        "power_warnings": warnings,
         "offline_gate": gate,
         "candidate_features": list(cand_meta.get("features") or []),
     }
