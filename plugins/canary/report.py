@@ -19,6 +19,7 @@ has no drift table. The input is one JSON dict, built from the run's XComs (see 
       "root_cause"?: dict | str,                       # rollback: failing metrics, data quality, drift, segments
       "drift"?: dict,                                  # drift_check's result after promotion
       "power_plan"?: dict, "notifications"?: list, "spec"?: dict, "decision_records"?: [text],
+      "power_warnings"?: [{"metric", "problem", "message", ...}],  # pre-flight: a metric the plan cannot power
     }
 
 Verdict dicts are taken as the judge writes them (``canary.analysis.Verdict.to_dict()``): the per-metric
@@ -489,6 +490,32 @@ def _section_drift(drift: Any) -> str:
     return html
 
 
+_ROOT_CAUSE_TITLES = {"closest_to_drifting": "closest to drifting (none drifted)"}
+
+
+def _split_drifting(root: Mapping[str, Any]) -> dict[str, Any]:
+    """``top_drifting_features`` with only the features that drifted; the rest, when none did, under
+    ``closest_to_drifting`` (root causes written before the split listed undrifted features as drifting)."""
+    root = dict(root)
+    rows = root.get("top_drifting_features")
+    if isinstance(rows, list) and rows and all(isinstance(r, Mapping) and "drifted" in r for r in rows):
+        drifted = [r for r in rows if r.get("drifted")]
+        root["top_drifting_features"] = drifted
+        if not drifted and not root.get("closest_to_drifting"):
+            root["closest_to_drifting"] = rows
+    return root
+
+
+def _section_power_warnings(warnings: Any) -> str:
+    """Pre-flight's warnings that the schedule cannot power a metric's promotion test (or its margin is 0)."""
+    items = [w.get("message") if isinstance(w, Mapping) else w for w in warnings or []]
+    items = [str(i) for i in items if i]
+    if not items:
+        return ""
+    return ("<h2>Pre-flight warnings</h2><p>The run went ahead; these limit what it could show:</p><ul>"
+            + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>")
+
+
 def _section_root_cause(root: Any) -> str:
     if not root:
         return ""
@@ -499,10 +526,11 @@ def _section_root_cause(root: Any) -> str:
         text = _first(root, "text", "summary")
         if text:
             html += f"<pre>{_e(text)}</pre>"
+        root = _split_drifting(root)
         for key, value in root.items():
             if key in {"text", "summary"} or value in (None, [], {}):
                 continue
-            html += f"<h3>{_e(key.replace('_', ' '))}</h3>"
+            html += f"<h3>{_e(_ROOT_CAUSE_TITLES.get(key, key.replace('_', ' ')))}</h3>"
             if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
                 html += _dict_rows_table(value)
             elif isinstance(value, Mapping):
@@ -533,6 +561,10 @@ def render_report(run: Mapping[str, Any]) -> str:
             ("report written", datetime.now(UTC).isoformat(timespec="seconds")),
         ]),
     ]
+
+    plan = run.get("power_plan")
+    parts.append(_section_power_warnings(run.get("power_warnings") or (
+        plan.get("power_warnings") if isinstance(plan, Mapping) else None)))
 
     parts.append("<h2>Traffic share over time</h2>")
     traffic = _traffic_png(run)
@@ -588,7 +620,8 @@ def render_report(run: Mapping[str, Any]) -> str:
     if run.get("power_plan"):
         parts.append("<h2>Power plan</h2>")
         plan = run["power_plan"]
-        parts.append(_kv_table(plan.items()) if isinstance(plan, Mapping) else f"<pre>{_e(plan)}</pre>")
+        parts.append(_kv_table((k, v) for k, v in plan.items() if k != "power_warnings")
+                     if isinstance(plan, Mapping) else f"<pre>{_e(plan)}</pre>")
     if run.get("notifications"):
         parts.append("<h2>Notifications</h2>")
         parts.append(_dict_rows_table(list(run["notifications"])))
@@ -679,6 +712,7 @@ def build_run(
         "root_cause": root_cause,
         "drift": drift,
         "power_plan": pre.get("power_plan"),
+        "power_warnings": pre.get("power_warnings") or (pre.get("power_plan") or {}).get("power_warnings") or [],
         "notifications": list(notifications or []),
         "spec": spec or None,
     }

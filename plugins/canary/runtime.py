@@ -1207,7 +1207,10 @@ def _unwrap_verdict(verdict: dict[str, Any] | None) -> dict[str, Any]:
 
 def root_cause(verdict: dict[str, Any] | None) -> dict[str, Any]:
     """What made the verdict: failing metrics with numbers, data-quality failures, top drifting features,
-    worst segments (the steps where the canary did worst), from a ``Verdict.to_dict()``."""
+    worst segments (the steps where the canary did worst), from a ``Verdict.to_dict()``.
+
+    ``top_drifting_features`` holds only features whose drift test flagged them (at most 5, largest first as a
+    multiple of their threshold); when none did, ``closest_to_drifting`` holds the 5 nearest instead."""
     v = _unwrap_verdict(verdict)
     failing = []
     for m in v.get("metrics") or []:
@@ -1222,18 +1225,22 @@ def root_cause(verdict: dict[str, Any] | None) -> dict[str, Any]:
     dq = v.get("data_quality") or {}
     drift = v.get("drift") or {}
     columns = drift.get("columns") or {}
-    drifting = [
+    compared = [
         {"feature": name, **{k: r.get(k) for k in ("kind", "psi", "js", "ks", "threshold", "drifted")}}
         for name, r in columns.items() if isinstance(r, dict) and r.get("threshold")
     ]
     # Largest first, as a multiple of each column's own threshold (PSI and JS are on different scales).
-    drifting = sorted(drifting, key=lambda d: -float(d.get("psi") or d.get("js") or 0.0) / float(d["threshold"]))[:5]
+    compared.sort(key=lambda d: -float(d.get("psi") or d.get("js") or 0.0) / float(d["threshold"]))
+    drifting = [d for d in compared if d.get("drifted")][:5]
+    # None drifted: the nearest ones, under their own name (a "drifting" list of undrifted features misleads).
+    closest = [] if drifting else compared[:5]
     return {
         "decision": v.get("decision"),
         "reason": v.get("reason"),
         "failing_metrics": failing,
         "data_quality_failures": list(dq.get("failures") or []) if dq and not dq.get("success", True) else [],
         "top_drifting_features": drifting,
+        "closest_to_drifting": closest,
         "srm": {k: (v.get("srm") or {}).get(k) for k in ("p_value", "mismatch")} if v.get("srm") else None,
         "worst_segments": [],
     }
@@ -1307,6 +1314,13 @@ def _step_windows(plan: dict[str, Any]) -> list[tuple[datetime, datetime]]:
     return out
 
 
+def _drift_text(d: dict[str, Any]) -> str:
+    stat = "psi" if d.get("psi") is not None else "js"
+    value = d.get(stat)
+    shown = f"{float(value):.4g}" if value is not None else "-"
+    return f"{d.get('feature')} {stat.upper()} {shown} vs threshold {float(d['threshold']):.4g}"
+
+
 def root_cause_text(rc: dict[str, Any]) -> str:
     """The root cause as readable lines."""
     lines = [f"root cause: {rc.get('reason') or 'no verdict'}"]
@@ -1317,7 +1331,10 @@ def root_cause_text(rc: dict[str, Any]) -> str:
     for f in rc["data_quality_failures"]:
         lines.append(f"  data quality: {f}")
     for d in rc["top_drifting_features"]:
-        lines.append(f"  drifting feature: {d}")
+        lines.append(f"  drifting feature: {_drift_text(d)}")
+    closest = rc.get("closest_to_drifting") or []
+    if closest:
+        lines.append("  no feature drifted; closest: " + "; ".join(_drift_text(d) for d in closest))
     for s in rc["worst_segments"]:
         lines.append(f"  worst segment for {s['metric']}: {s['segment']}: canary {s['canary']:.4g} "
                      f"(n={s['n_canary']}) vs stable {s['stable']:.4g} (n={s['n_stable']})")
