@@ -66,6 +66,25 @@ def test_compare_arms_flags_biased_routing_on_inputs_only():
         compare_arms(rows, columns=["nope"])
 
 
+def test_a_feature_only_one_arm_logs_is_named_not_compared():
+    """A feature only the candidate's callers send has no values on stable: it cannot be compared, and the
+    record must say so rather than "input drift between arms: none"."""
+    from canary.analysis.record import verdict_text
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    arm = np.where(rng.random(n) < 0.5, "canary", "stable")
+    rows = pd.DataFrame({"arm": arm, "amount": rng.lognormal(4, 1, n),
+                         "dist": np.where(arm == "canary", rng.random(n), np.nan)})
+    res = compare_arms(rows)
+    assert res["drifted"] == [] and list(res["not_compared"]) == ["dist"]
+    assert res["not_compared"]["dist"].startswith("too few values: 0 reference / ")
+    text = verdict_text({"decision": "advance", "reason": "r", "metrics": [], "drift": res})
+    assert "input drift between arms: none; not compared (stable = reference, canary = current): dist (too few" \
+        in text
+    assert compare_arms(rows[["arm", "amount"]])["not_compared"] == {}
+
+
 def _fraud_rows(n=2000, seed=0):
     rng = np.random.default_rng(seed)
     return pd.DataFrame({

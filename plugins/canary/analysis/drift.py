@@ -94,7 +94,9 @@ def compare_frames(reference: Any, current: Any, columns: list[str] | str = "all
     """Drift per column between two DataFrames (features, ``prediction`` and ``score``).
 
     ``columns="all"`` takes every column present in both except the log's own bookkeeping columns.
-    Returns ``{"columns": {name: result}, "drifted": [names]}``.
+    Returns ``{"columns": {name: result}, "drifted": [names], "not_compared": {name: why}}``: a column with
+    fewer than two values on either side (e.g. a feature only the candidate's callers send) cannot be
+    compared, and is named instead of being counted as "no drift".
     """
     if columns == "all":
         cols = [c for c in reference.columns if c in current.columns and c not in LOG_COLUMNS]
@@ -105,7 +107,9 @@ def compare_frames(reference: Any, current: Any, columns: list[str] | str = "all
                              "the model's features (or 'all')")
         cols = list(columns)
     out = {c: compare_column(reference[c], current[c], bins, psi_floor) for c in cols}
-    return {"columns": out, "drifted": [c for c, r in out.items() if r.get("drifted")]}
+    return {"columns": out, "drifted": [c for c, r in out.items() if r.get("drifted")],
+            "not_compared": {c: f"{r['note']}: {r.get('n_ref', 0)} reference / {r.get('n_cur', 0)} current"
+                             for c, r in out.items() if r.get("note")}}
 
 
 def compare_windows(reference: Any, current: Any, columns: list[str] | str = "all", bins: int = 10,

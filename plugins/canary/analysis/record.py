@@ -66,5 +66,10 @@ def verdict_text(v: dict[str, Any]) -> str:
             lines.append(f"  - {f.get('expectation')} {f.get('column') or ''}: observed {f.get('observed')}")
     dr = v.get("drift")
     if dr is not None:
-        lines.append(f"input drift between arms: {', '.join(map(str, dr.get('drifted', []))) or 'none'}")
+        line = f"input drift between arms: {', '.join(map(str, dr.get('drifted', []))) or 'none'}"
+        skipped = dr.get("not_compared") or {}
+        if skipped:  # "none" must not cover a feature that could not be compared
+            line += "; not compared (stable = reference, canary = current): " + "; ".join(
+                f"{c} ({why})" for c, why in skipped.items())
+        lines.append(line)
     return "\n".join(lines)
