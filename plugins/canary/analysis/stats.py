@@ -186,7 +186,8 @@ def z_to_t(z: float, df: float | None) -> float:
 
 
 def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool = False):
-    """Per (step, arm) totals, mean, variance of the mean and degrees of freedom.
+    """Per (step, arm) totals, mean, variance of the mean, degrees of freedom, clusters and the per-request
+    variance of the mean (:func:`_iid_variance`, the floor of the cluster variance).
 
     ``binary``: a cell with no variation (no events, or only events: an error rate of 0 in 6,000 requests)
     gets the variance of a half-event pseudo-count, ``p (1 - p) / N`` with ``p = (x + 1/2) / (N + 1)``,
@@ -209,7 +210,7 @@ def _cells(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool = Fals
     use_cr = v_cr > v_iid
     v = np.where(use_cr, v_cr, v_iid)
     dfc = np.where(use_cr, G - 1.0, N - 1.0)
-    return N, m, v, dfc, G
+    return N, m, v, dfc, G, v_iid
 
 
 def _iid_variance(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool) -> np.ndarray:
@@ -230,10 +231,10 @@ def _iid_variance(c: MetricCells, nstep: int, step_idx: np.ndarray, binary: bool
 
 
 def _paired_sums(c: MetricCells, step_idx: np.ndarray, nstep: int, m: np.ndarray, N: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per step ``sum_g a_g^2``, ``sum_g b_g^2``, ``sum_g a_g b_g`` and the number of clusters ``G`` (with
-    data in either arm), where ``a_g`` and ``b_g`` are the canary's and stable's residual sums in time
-    cluster g over their arm's count (each arm's share of the difference's error from that cluster)."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step ``sum_g a_g^2``, ``sum_g b_g^2`` and ``sum_g a_g b_g``, where ``a_g`` and ``b_g`` are the
+    canary's and stable's residual sums in time cluster g over their arm's count (each arm's share of the
+    difference's error from that cluster)."""
     key = step_idx * 2 + c.canary.astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = (c.s1 - m[key] * c.n) / N[key]
@@ -245,9 +246,7 @@ def _paired_sums(c: MetricCells, step_idx: np.ndarray, nstep: int, m: np.ndarray
     b = np.bincount(g, np.where(c.canary, 0.0, share), ng)
     gstep = np.zeros(ng, dtype=np.int64)
     gstep[g] = step_idx
-    has = np.bincount(g, c.n, ng) > 0
-    return (np.bincount(gstep, a * a, nstep), np.bincount(gstep, b * b, nstep), np.bincount(gstep, a * b, nstep),
-            np.bincount(gstep[has], minlength=nstep).astype(float))
+    return np.bincount(gstep, a * a, nstep), np.bincount(gstep, b * b, nstep), np.bincount(gstep, a * b, nstep)
 
 
 def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
@@ -269,7 +268,7 @@ def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     if len(steps) == 0:
         return None
     binary = metric.kind in ("binary", "latency_threshold")
-    N, m, v, dfc, G = _cells(c, len(steps), step_idx, binary=binary)
+    N, m, v, dfc, G, vi = _cells(c, len(steps), step_idx, binary=binary)
     Nb, Nc = N[0::2], N[1::2]
     valid = (Nb >= 2) & (Nc >= 2) & np.isfinite(v[0::2]) & np.isfinite(v[1::2])
     if not valid.any():
@@ -278,10 +277,9 @@ def compare(c: MetricCells, metric: MetricPolicy) -> Comparison | None:
     w = w / w.sum()
     mb, mc = np.where(valid, m[0::2], 0.0), np.where(valid, m[1::2], 0.0)
     # per-request (iid) variances of each arm's mean: the floor of the paired cluster variance
-    vi = _iid_variance(c, len(steps), step_idx, binary)
     vib, vic = np.where(valid, vi[0::2], 0.0), np.where(valid, vi[1::2], 0.0)
     dib, dic = np.maximum(Nb - 1.0, 1.0), np.maximum(Nc - 1.0, 1.0)
-    A, B, C, _ = _paired_sums(c, step_idx, len(steps), m, N)
+    A, B, C = _paired_sums(c, step_idx, len(steps), m, N)
     Gm = np.minimum(G[0::2], G[1::2])  # clusters of the arm with fewer, per step
     vab, vac = np.where(valid, v[0::2], 0.0), np.where(valid, v[1::2], 0.0)  # per-arm (CR or iid)
     dab, dac = np.maximum(dfc[0::2], 1.0), np.maximum(dfc[1::2], 1.0)
