@@ -656,6 +656,13 @@ def _sample_key(dialect: str) -> str:
     return f"((p.rowid * {_WEYL}) % {_KEY_RANGE})"
 
 
+def sample_key_cut(rows: int, limit: int) -> int:
+    """The key below which a window of ``rows`` rows holds about ``1.2 * limit + 10 sqrt(limit)`` of them
+    (the whole key range when the window is that small): the bottom-k samples sort only those rows."""
+    want = 1.2 * limit + 10 * limit ** 0.5
+    return _KEY_RANGE if rows <= want else int(_KEY_RANGE * want / rows) + 1
+
+
 def sample_rows(bind: Any, model: str, start: datetime, end: datetime, arm: str | None = None,
                 limit: int = 5000, arms: tuple[str, ...] = ("stable", "canary")) -> Any:
     """At most ``limit`` rows of one arm (or of ``arms``) in ``[start, end)`` as a DataFrame with the
@@ -685,8 +692,7 @@ def sample_rows(bind: Any, model: str, start: datetime, end: datetime, arm: str 
             names.append(f":a{i}")
         where = f"p.model = :model AND p.arm IN ({', '.join(names)}) AND p.ts >= :s AND p.ts < :e"
         n = _run(conn, f"SELECT COUNT(*) FROM predictions p WHERE {where}", params, ["s", "e"])[0][0]
-        want = 1.2 * limit + 10 * limit ** 0.5
-        params["kmax"] = _KEY_RANGE if n <= want else int(_KEY_RANGE * want / n) + 1
+        params["kmax"] = sample_key_cut(n, limit)
         key = _sample_key(dialect)
         sql = ("SELECT p.request_id, p.ts, p.arm, p.version, p.unit_id, p.features, p.prediction, p.score, "
                f"p.latency_ms, p.status FROM predictions p WHERE {where} AND {key} < :kmax "

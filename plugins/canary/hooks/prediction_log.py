@@ -241,28 +241,23 @@ class PredictionLogHook(BaseHook):
                 "ORDER BY f.ts LIMIT 1) AS label"
             )
         cond = " AND ".join(where)
-        if limit is None:
-            sql = f"SELECT {', '.join(cols)} FROM predictions p WHERE {cond} ORDER BY p.ts DESC"
-        else:  # the sample's request ids first, then their columns (labels are looked up for those only)
-            from canary.analysis.sql import _KEY_RANGE, _sample_key
-
-            key = _sample_key(self.engine.dialect.name)
-            params["limit"] = int(limit)
-            # as sql.sample_rows: count the window (an index range), then sort only the rows whose key is
-            # below the share of the key range that holds about 1.2 * limit of them, not the whole window
-            count = sa.text(f"SELECT COUNT(*) FROM predictions p WHERE {cond}").bindparams(
-                sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime()))
-            with self.engine.connect() as db:
-                n = int(db.execute(count, {k: v for k, v in params.items() if k != "limit"}).scalar_one())
-            want = 1.2 * limit + 10 * limit**0.5
-            params["kmax"] = _KEY_RANGE if n <= want else int(_KEY_RANGE * want / n) + 1
-            sql = (f"SELECT {', '.join(cols)} FROM predictions p WHERE p.request_id IN (SELECT p.request_id "
-                   f"FROM predictions p WHERE {cond} AND {key} < :kmax ORDER BY {key}, p.request_id "
-                   f"LIMIT :limit) AND {cond} ORDER BY p.ts DESC")
-        stmt = sa.text(sql).bindparams(
-            sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime())
-        ).columns(ts=sa.DateTime())
+        times = (sa.bindparam("start", type_=sa.DateTime()), sa.bindparam("end", type_=sa.DateTime()))
         with self.engine.connect() as db:
+            if limit is None:
+                sql = f"SELECT {', '.join(cols)} FROM predictions p WHERE {cond} ORDER BY p.ts DESC"
+            else:  # the sample's request ids first, then their columns (labels are looked up for those only)
+                from canary.analysis.sql import _sample_key, sample_key_cut
+
+                key = _sample_key(self.engine.dialect.name)
+                # as sql.sample_rows: count the window (an index range), then sort only the rows whose key is
+                # below the cut, not the whole window
+                count = sa.text(f"SELECT COUNT(*) FROM predictions p WHERE {cond}").bindparams(*times)
+                params["kmax"] = sample_key_cut(int(db.execute(count, params).scalar_one()), int(limit))
+                params["limit"] = int(limit)
+                sql = (f"SELECT {', '.join(cols)} FROM predictions p WHERE p.request_id IN (SELECT p.request_id "
+                       f"FROM predictions p WHERE {cond} AND {key} < :kmax ORDER BY {key}, p.request_id "
+                       f"LIMIT :limit) AND {cond} ORDER BY p.ts DESC")
+            stmt = sa.text(sql).bindparams(*times).columns(ts=sa.DateTime())
             return [dict(row._mapping) for row in db.execute(stmt, params)]
 
 def _mask(secret: str) -> None:
