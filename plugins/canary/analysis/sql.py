@@ -204,13 +204,22 @@ def _eligible_sql(m: MetricPolicy, i: int, by_time: bool = True) -> str:
     return (f"p.ts < :elig{i} AND " if by_time else "") + f"p.status = 'ok'{need_pred}"
 
 
+def _flag_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any], thresholds: dict[str, float]
+              ) -> str | None:
+    """The condition of a metric observed on every request as a 0/1 flag (an error, a latency above the
+    threshold, which is bound here), or None for any other metric."""
+    if m.kind != "latency_threshold" and m.source != "error":
+        return None
+    _value_sql(m, i, dialect, params, thresholds)  # binds the threshold
+    return f"p.latency_ms > :thr{i}" if m.kind == "latency_threshold" else "p.status = 'error'"
+
+
 def _row_value_sql(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any],
                    thresholds: dict[str, float]) -> str:
     """SQL of the per-request value of a metric that needs no label, as the one-scan look aggregates it
     (NULL when the request is not observable). Label metrics are aggregated by :func:`_label_aggs`."""
-    if m.kind == "latency_threshold" or m.source == "error":
-        _value_sql(m, i, dialect, params, thresholds)  # binds the threshold
-        cond = f"p.latency_ms > :thr{i}" if m.kind == "latency_threshold" else "p.status = 'error'"
+    cond = _flag_sql(m, i, dialect, params, thresholds)
+    if cond is not None:
         return _bool(dialect, cond)
     if m.source == "null_score":
         return f"CASE WHEN p.status = 'ok' THEN {_bool(dialect, _nan_check(dialect, 'p.score'))} END"
@@ -254,12 +263,12 @@ def _value_aggs(m: MetricPolicy, i: int, dialect: str, params: dict[str, Any], t
     sum, sum of squares) or ``moments`` (PostgreSQL: count, ``avg`` and ``var_pop``, which share one
     transition per row, so a continuous metric costs two aggregate steps instead of three). On PostgreSQL a
     0/1 metric is a ``COUNT(*) FILTER``, the cheapest aggregate."""
+    cond = _flag_sql(m, i, dialect, params, thresholds)
+    always = cond is not None
+    if dialect == "postgresql" and always:
+        return [f"COUNT(*) FILTER (WHERE {cond})"], "always"
     v = _row_value_sql(m, i, dialect, params, thresholds)
-    always = m.kind == "latency_threshold" or m.source == "error"
     if dialect == "postgresql":
-        if always:
-            cond = f"p.latency_ms > :thr{i}" if m.kind == "latency_threshold" else "p.status = 'error'"
-            return [f"COUNT(*) FILTER (WHERE {cond})"], "always"
         if m.source == "null_score":
             return ["COUNT(*) FILTER (WHERE p.status = 'ok')",
                     f"COUNT(*) FILTER (WHERE p.status = 'ok' AND {_nan_check(dialect, 'p.score')})"], "value"
