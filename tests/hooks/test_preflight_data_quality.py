@@ -41,31 +41,32 @@ def plan_with_suite(router_conn, set_conn, tmp_path):
     return make
 
 
+def _refused(plan, router_conn) -> str:
+    """Pre-flight's refusal message of ``plan``, checking the route is left exactly as it was."""
+    before = TrafficRouterHook(router_conn).get_route("fraud")
+    with pytest.raises(AirflowFailException) as info:
+        runtime.preflight(plan)
+    assert TrafficRouterHook(router_conn).get_route("fraud") == before
+    return str(info.value)
+
+
 def test_preflight_refuses_a_suite_column_the_rows_will_not_have(plan_with_suite, suite_dir, router_conn):
     def rename(exps):
         exps.append({"type": "expect_column_values_to_be_between",
                      "kwargs": {"column": "amout", "min_value": 0.0}})
     suite_dir("fraud_cols", rename)
-    before = TrafficRouterHook(router_conn).get_route("fraud")
-    with pytest.raises(AirflowFailException) as info:
-        runtime.preflight(plan_with_suite("fraud_cols"))
-    message = str(info.value)
+    message = _refused(plan_with_suite("fraud_cols"), router_conn)
     assert "data-quality suite 'fraud_cols'" in message and "fraud_cols.json" in message
     assert "expect_column_values_to_be_between(amout)" in message and "did you mean 'amount'?" in message
     assert "Nothing was changed" in message and "correct the column name in the suite file" in message
     assert "latency_ms" in message  # the columns the rows do have are listed
-    assert TrafficRouterHook(router_conn).get_route("fraud") == before
 
 
 def test_preflight_refuses_a_suite_gx_cannot_build(plan_with_suite, suite_dir, router_conn):
     def typo(exps):
         exps[12]["type"] = "expect_column_value_to_be_between"
     suite_dir("fraud_typo", typo)
-    before = TrafficRouterHook(router_conn).get_route("fraud")
-    with pytest.raises(AirflowFailException) as info:
-        runtime.preflight(plan_with_suite("fraud_typo"))
-    message = str(info.value)
+    message = _refused(plan_with_suite("fraud_typo"), router_conn)
     assert "fraud_typo.json" in message and "expectations[12]" in message
     assert "unknown expectation type 'expect_column_value_to_be_between'" in message
     assert "did you mean 'expect_column_values_to_be_between'?" in message and "Nothing was changed" in message
-    assert TrafficRouterHook(router_conn).get_route("fraud") == before
